@@ -1,0 +1,1 @@
+"""Reference models: seeded builders, the trained digits fixtures and the real-model corpus fetcher."""
