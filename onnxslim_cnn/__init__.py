@@ -1,0 +1,61 @@
+"""onnxslim-cnn: an ONNX graph-rewriting compiler that makes trained CNNs smaller and faster.
+
+Python API for converters::
+
+    import onnxslim_cnn
+    model, report = onnxslim_cnn.compress("resnet.onnx", passes=["slim"], calib="calib.npz")
+    onnxslim_cnn.save(model, "resnet.slim.onnx")
+    print(report.format_table())
+
+Options go per pass, either as ``options={"slim": {"fuse_pad": False}}`` or flattened as
+keyword arguments ``slim__fuse_pad=False`` (pass name, two underscores, option name).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import onnx
+
+from .errors import UserError
+from .graph import Graph, load_model, save_model
+from .pipeline import Pass, PassContext, PassResult, available_passes, get_pass, register_pass, run_pipeline
+from .report import Report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "compress", "load", "save", "Graph", "Pass", "PassContext", "PassResult", "Report", "UserError",
+    "available_passes", "get_pass", "register_pass",
+]
+
+
+def load(source: "str | onnx.ModelProto") -> onnx.ModelProto:
+    """Read and check a model (path or ModelProto). Raises ``UserError`` on bad input."""
+    return load_model(source)
+
+
+def save(model: onnx.ModelProto, path: str) -> None:
+    """Write atomically (temp file + rename); external data for models over ~1.8 GB."""
+    save_model(model, path)
+
+
+def compress(model: "str | onnx.ModelProto", passes: "list[str | Pass] | None" = None, *,
+             calib: Any = None, input_shapes: "dict[str, tuple[int, ...]] | None" = None,
+             options: "dict[str, dict[str, Any]] | None" = None, seed: int = 0,
+             fidelity: bool = True, bench: bool = False, **flat_options: Any) -> tuple[onnx.ModelProto, Report]:
+    """Run ``passes`` (default ``["slim"]``) on ``model``; returns ``(new ModelProto, Report)``.
+
+    ``calib`` is a ``.npz`` path or a dict of arrays named after the model inputs; without it,
+    the documented random generator is used (see ``analysis.calibration``). The input model is
+    never modified.
+    """
+    merged: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (options or {}).items()}
+    for key, value in flat_options.items():
+        if "__" not in key:
+            raise UserError(f"unknown argument '{key}' (pass options are written PASS__OPTION, e.g. slim__cse=False)")
+        pass_name, opt = key.split("__", 1)
+        merged.setdefault(pass_name, {})[opt] = value
+    result = run_pipeline(model, passes, options=merged, calib=calib, input_shapes=input_shapes,
+                          seed=seed, fidelity=fidelity, bench=bench)
+    return result.model, result.report

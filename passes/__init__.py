@@ -1,0 +1,5 @@
+"""Built-in passes (installed as ``onnxslim_cnn.passes``); importing this registers them."""
+
+from .slim import SlimPass
+
+__all__ = ["SlimPass"]

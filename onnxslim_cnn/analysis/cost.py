@@ -1,0 +1,131 @@
+"""Model cost: parameters, file size, MACs of Conv/ConvTranspose/Gemm/MatMul, node counts.
+
+MACs need concrete shapes: the caller gives one concrete shape per graph input (usually the
+calibration batch cut to one sample) and shapes are inferred on a copy with those inputs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from ..graph import infer_shapes, model_bytes, with_static_inputs
+
+# Element types that hold learned weights. Integer shape/axes tensors (int32/int64) are not
+# parameters; int8/uint8/int4 are (quantized weights).
+PARAM_TYPES = {
+    TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE,
+    TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4,
+}
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass
+class ModelStats:
+    params: int
+    file_bytes: int
+    macs: int
+    macs_by_op: dict[str, int]
+    nodes: int
+    op_counts: dict[str, int]
+    macs_unknown: list[str] = field(default_factory=list)  # MAC nodes whose shapes were unknown
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Elements of all weight tensors (initializers and Constant nodes of weight element types)."""
+    total = 0
+    for t in model.graph.initializer:
+        if t.data_type in PARAM_TYPES:
+            total += int(np.prod(t.dims, dtype=np.int64))
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.t.data_type in PARAM_TYPES:
+                    total += int(np.prod(a.t.dims, dtype=np.int64))
+    return total
+
+
+def node_macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, int], list[str]]:
+    """MACs per Conv/ConvTranspose/Gemm/MatMul node (keyed by node name or output name).
+
+    Returns (macs, unknown) where ``unknown`` lists the nodes whose shapes could not be inferred.
+    """
+    static = infer_shapes(with_static_inputs(model, input_shapes))
+    shapes: dict[str, tuple] = {}
+    for vi in list(static.graph.value_info) + list(static.graph.input) + list(static.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            shapes[vi.name] = tuple(d.dim_value for d in dims)
+    for t in static.graph.initializer:
+        shapes[t.name] = tuple(t.dims)
+    for node in static.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    shapes[node.output[0]] = tuple(a.t.dims)
+    macs: dict[str, int] = {}
+    unknown: list[str] = []
+    for node in static.graph.node:
+        if node.op_type not in MAC_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        key = node.name or node.output[0]
+        value = _macs_of(node, shapes)
+        if value is None:
+            unknown.append(key)
+        else:
+            macs[key] = value
+    return macs, unknown
+
+
+def _macs_of(node: onnx.NodeProto, shapes: dict[str, tuple]) -> "int | None":
+    get = lambda name: shapes.get(name) if name else None  # noqa: E731
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Conv":
+        w, y = get(node.input[1]), get(node.output[0])
+        if w is None or y is None:
+            return None
+        # each output element is a dot product of length (C_in/groups) * prod(kernel)
+        return int(np.prod(y, dtype=np.int64)) * int(np.prod(w[1:], dtype=np.int64))
+    if node.op_type == "ConvTranspose":
+        x, w = get(node.input[0]), get(node.input[1])
+        if x is None or w is None:
+            return None
+        # every input element is scattered into (C_out/groups) * prod(kernel) outputs
+        return int(np.prod(x, dtype=np.int64)) * int(np.prod(w[1:], dtype=np.int64))
+    if node.op_type == "Gemm":
+        a, y = get(node.input[0]), get(node.output[0])
+        if a is None or y is None or len(a) != 2:
+            return None
+        k = a[0] if attrs.get("transA", 0) else a[1]
+        return int(y[0]) * int(y[1]) * int(k)
+    if node.op_type == "MatMul":
+        a, y = get(node.input[0]), get(node.output[0])
+        if a is None or y is None:
+            return None
+        return int(np.prod(y, dtype=np.int64)) * int(a[-1])
+    return None
+
+
+def model_stats(model: onnx.ModelProto, input_shapes: "dict[str, tuple[int, ...]] | None") -> ModelStats:
+    ops = Counter(n.op_type for n in model.graph.node)
+    macs, unknown = node_macs(model, input_shapes) if input_shapes is not None else ({}, [])
+    by_op: Counter = Counter()
+    op_of = {(n.name or n.output[0]): n.op_type for n in model.graph.node}
+    for key, value in macs.items():
+        by_op[op_of.get(key, "?")] += value
+    return ModelStats(
+        params=count_params(model),
+        file_bytes=model_bytes(model),
+        macs=int(sum(macs.values())),
+        macs_by_op=dict(sorted(by_op.items())),
+        nodes=len(model.graph.node),
+        op_counts=dict(sorted(ops.items())),
+        macs_unknown=unknown,
+    )

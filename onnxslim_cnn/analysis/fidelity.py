@@ -1,0 +1,70 @@
+"""Fidelity of a rewritten model against the original, both run in ONNX Runtime on the same inputs."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx
+
+from .calibration import CalibrationData
+from .runtime_session import make_session, run_chunks
+
+
+def reference_outputs(model: onnx.ModelProto, calib: CalibrationData) -> tuple[list[str], list[list[np.ndarray]]]:
+    sess = make_session(model)
+    names = [o.name for o in sess.get_outputs()]
+    return names, run_chunks(sess, calib.inputs, calib.batch)
+
+
+def compare(names: list[str], ref: list[list[np.ndarray]], new: list[list[np.ndarray]]) -> dict:
+    """Per output: max abs error, error relative to the output's scale, cosine, top-1 agreement.
+
+    ``rel_error`` is max|new - ref| / max|ref| (the "relative to output scale" figure the tests
+    bound). ``top1_agreement`` is given for classifier-shaped outputs: rank 2, [N, C] with C > 1.
+    """
+    out = {}
+    for i, name in enumerate(names):
+        r = np.concatenate([np.asarray(c[i], dtype=np.float64).ravel() for c in ref])
+        n = np.concatenate([np.asarray(c[i], dtype=np.float64).ravel() for c in new])
+        if r.shape != n.shape:
+            out[name] = {"error": f"shape changed: {r.shape} -> {n.shape}"}
+            continue
+        diff = np.abs(r - n)
+        scale = float(np.max(np.abs(r))) if r.size else 0.0
+        denom = float(np.linalg.norm(r) * np.linalg.norm(n))
+        entry = {
+            "max_abs_error": float(diff.max()) if diff.size else 0.0,
+            "rel_error": float(diff.max() / scale) if diff.size and scale > 0 else float(diff.max() if diff.size else 0.0),
+            "cosine": float(np.dot(r, n) / denom) if denom > 0 else (1.0 if np.array_equal(r, n) else 0.0),
+        }
+        if all(np.ndim(c[i]) == 2 and np.shape(c[i])[1] > 1 for c in ref):
+            agree = [np.argmax(a[i], axis=1) == np.argmax(b[i], axis=1) for a, b in zip(ref, new)]
+            entry["top1_agreement"] = float(np.mean(np.concatenate(agree)))
+        out[name] = entry
+    return out
+
+
+def fidelity(original: onnx.ModelProto, rewritten: onnx.ModelProto, calib: CalibrationData,
+             reference: "tuple[list[str], list[list[np.ndarray]]] | None" = None) -> dict:
+    names, ref = reference or reference_outputs(original, calib)
+    sess = make_session(rewritten)
+    new_names = [o.name for o in sess.get_outputs()]
+    new = run_chunks(sess, calib.inputs, calib.batch, output_names=names if set(names) <= set(new_names) else None)
+    return compare(names, ref, new)
+
+
+def latency(model: onnx.ModelProto, calib: CalibrationData, *, threads: int = 1, repeats: int = 20,
+            warmup: int = 3) -> dict:
+    """Median/min wall time of one ORT run on one calibration batch, CPU EP, ``threads`` threads."""
+    sess = make_session(model, threads=threads)
+    feeds = {k: v[:calib.batch] for k, v in calib.inputs.items()}
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    return {"median_ms": float(np.median(times) * 1e3), "min_ms": float(np.min(times) * 1e3),
+            "threads": threads, "repeats": repeats, "batch": calib.batch}

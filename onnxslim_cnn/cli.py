@@ -1,0 +1,162 @@
+"""Command line: ``onnxslim IN.onnx OUT.onnx [--passes slim,...] [--set pass.option=value] ...``.
+
+Installed twice, as ``onnxslim`` and as ``onnxslim-cnn`` (the latter never clashes with the
+unrelated OnnxSlim package, which also installs an ``onnxslim`` command).
+
+Exit codes: 0 success, 2 bad input (one line on stderr, no output written), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+from .errors import UserError
+
+PROG = "onnxslim"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> "None":  # one line, exit 2, like every other bad input
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Make a trained CNN in ONNX smaller and faster: run passes, check, report.",
+        epilog="Examples:\n  onnxslim model.onnx out.onnx\n"
+               "  onnxslim model.onnx out.onnx --passes slim --report report.json --bench\n"
+               "  onnxslim --list-passes",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("input", nargs="?", help="input ONNX model (never modified)")
+    p.add_argument("output", nargs="?", help="output ONNX model (written atomically)")
+    p.add_argument("--passes", help="comma-separated passes to run in order (default: slim)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="PASS.OPTION=VALUE",
+                   help="set a pass option, e.g. --set slim.cse=false (repeatable)")
+    p.add_argument("--recipe", help="YAML or JSON file with 'passes' and 'options'")
+    p.add_argument("--calib", help=".npz with one array per model input (axis 0 = samples)")
+    p.add_argument("--input-shape", dest="input_shapes", action="append", default=[], metavar="NAME=D0,D1,...",
+                   help="concrete shape for an input with dynamic dims (for random calibration and MACs)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random calibration generator (default 0)")
+    p.add_argument("--report", help="also write the report as JSON to this file")
+    p.add_argument("--bench", action="store_true", help="measure ORT CPU latency before/after (1 thread)")
+    p.add_argument("--no-fidelity", action="store_true", help="skip the ORT comparison with the original")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no report table")
+    p.add_argument("--list-passes", action="store_true", help="list the passes and their options, then exit")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    return p
+
+
+def format_pass_list() -> str:
+    from .options import describe
+    from .pipeline import available_passes
+
+    lines = []
+    for name, cls in sorted(available_passes().items()):
+        lines.append(f"{name}")
+        lines.extend(textwrap.wrap(cls.summary, 88, initial_indent="    ", subsequent_indent="    "))
+        for opt in describe(cls.Options):
+            choices = f" (one of {', '.join(map(str, opt['choices']))})" if opt["choices"] else ""
+            lines.append(f"    --set {name}.{opt['name']}=<{opt['type']}>  default {opt['default']!r}{choices}")
+            lines.extend(textwrap.wrap(opt["help"], 84, initial_indent="        ", subsequent_indent="        "))
+        lines.append("")
+    return "\n".join(lines)
+
+
+class _Progress:
+    """A one-line progress bar on stderr, shown only on a terminal."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __call__(self, done: int, total: int, label: str) -> None:
+        if not self.enabled:
+            return
+        width = 24
+        filled = int(width * done / max(total, 1))
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<20}")
+        if done >= total and label == "measure":
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def run(argv: "list[str] | None" = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(f"onnxslim-cnn {__version__}")
+        return 0
+    if args.list_passes:
+        print(format_pass_list())
+        return 0
+    if not args.input or not args.output:
+        raise UserError("need an input and an output model: onnxslim IN.onnx OUT.onnx (see --help)")
+
+    from .analysis.calibration import parse_input_shapes
+    from .graph import save_model
+    from .options import load_recipe, parse_set
+    from .pipeline import run_pipeline
+
+    src, dst = Path(args.input), Path(args.output)
+    if dst.exists() and src.exists() and os.path.samefile(src, dst):
+        raise UserError(f"output {dst} is the input model; choose another output path")
+    if dst.exists() and dst.is_dir():
+        raise UserError(f"output {dst} is a directory")
+    passes, options = load_recipe(args.recipe) if args.recipe else ([], {})
+    if args.passes is not None:
+        passes = [p.strip() for p in args.passes.split(",") if p.strip()]
+        if not passes:
+            raise UserError("--passes is empty")
+    for pass_name, opts in parse_set(args.sets).items():
+        options.setdefault(pass_name, {}).update(opts)
+    progress = _Progress(enabled=not args.quiet and sys.stderr.isatty())
+    result = run_pipeline(src, passes or None, options=options, calib=args.calib,
+                          input_shapes=parse_input_shapes(args.input_shapes), seed=args.seed,
+                          fidelity=not args.no_fidelity, bench=args.bench, progress=progress)
+    save_model(result.model, dst)
+    if args.report:
+        _write_text_atomic(Path(args.report), result.report.to_json())
+    if not args.quiet:
+        print(result.report.format_table())
+        print(f"\nwrote {dst}")
+    return 0
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    import tempfile
+
+    folder = path.parent if str(path.parent) else Path(".")
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".onnxslim-", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def main(argv: "list[str] | None" = None) -> int:
+    try:
+        return run(argv)
+    except UserError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return UserError.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: say so in one line, traceback only on request
+        if os.environ.get("ONNXSLIM_CNN_DEBUG"):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"{PROG}: internal error: {type(exc).__name__}: {first} "
+              "(set ONNXSLIM_CNN_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1

@@ -1,0 +1,138 @@
+"""The report: model statistics before/after, what each pass changed or skipped, fidelity, latency."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .analysis.cost import ModelStats
+
+
+@dataclass
+class PassRecord:
+    name: str
+    options: dict[str, Any]
+    changed: bool
+    stats: dict[str, Any]
+    changes: list[dict]
+    skipped: list[dict]
+    seconds: float
+    status: str
+    nodes_after: int
+
+    @classmethod
+    def from_result(cls, p: Any, result: Any, seconds: float, status: str, nodes_after: int) -> "PassRecord":
+        from dataclasses import asdict
+
+        return cls(p.name, asdict(p.options), result.changed, dict(result.stats), list(result.changes),
+                   list(result.skipped), seconds, status, nodes_after)
+
+
+@dataclass
+class Report:
+    input: ModelStats
+    calibration: "str | None" = None
+    output: "ModelStats | None" = None
+    passes: list[PassRecord] = field(default_factory=list)
+    fidelity: "dict | None" = None
+    latency: "dict | None" = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self, *, timings: bool = True) -> dict:
+        """JSON-ready dict; ``timings=False`` drops wall-clock figures (for byte-stable reports)."""
+        passes = []
+        for p in self.passes:
+            d = {k: v for k, v in p.__dict__.items() if timings or k != "seconds"}
+            passes.append(d)
+        return {
+            "input": self.input.to_dict(),
+            "output": self.output.to_dict() if self.output else None,
+            "passes": passes,
+            "fidelity": self.fidelity,
+            "latency": self.latency if timings else None,
+            "calibration": self.calibration,
+            "warnings": self.warnings,
+        }
+
+    def to_json(self, **kw: Any) -> str:
+        return json.dumps(self.to_dict(**kw), indent=2, sort_keys=False, default=_jsonable)
+
+    def format_table(self, *, max_items: int = 12) -> str:
+        return "\n".join(_table_lines(self, max_items))
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+def _fmt_int(n: "int | None") -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, div in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} B"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{b / a:.3f}x" if a else "-"
+
+
+def _table_lines(r: Report, max_items: int) -> list[str]:
+    inp, out = r.input, r.output or r.input
+    lines = ["", "Model                    before          after        after/before"]
+    rows = [
+        ("parameters", _fmt_int(inp.params), _fmt_int(out.params), _ratio(inp.params, out.params)),
+        ("file size", _fmt_bytes(inp.file_bytes), _fmt_bytes(out.file_bytes), _ratio(inp.file_bytes, out.file_bytes)),
+        ("MACs", _fmt_int(inp.macs) if r.calibration else "unknown", _fmt_int(out.macs) if r.calibration else "unknown",
+         _ratio(inp.macs, out.macs) if r.calibration else "-"),
+        ("nodes", str(inp.nodes), str(out.nodes), _ratio(inp.nodes, out.nodes)),
+    ]
+    lines += [f"  {a:<20}{b:>12}{c:>15}{d:>15}" for a, b, c, d in rows]
+    ops = sorted(set(inp.op_counts) | set(out.op_counts))
+    changed_ops = [op for op in ops if inp.op_counts.get(op, 0) != out.op_counts.get(op, 0)]
+    if changed_ops:
+        lines.append("  ops changed: " + ", ".join(
+            f"{op} {inp.op_counts.get(op, 0)}->{out.op_counts.get(op, 0)}" for op in changed_ops))
+    if inp.macs_unknown or out.macs_unknown:
+        lines.append(f"  MACs not counted for {len(out.macs_unknown)} node(s) with unknown shapes")
+    lines.append("")
+    lines.append("Passes")
+    for p in r.passes:
+        stats = ", ".join(f"{k}={v}" for k, v in p.stats.items()) or "no change"
+        lines.append(f"  {p.name:<10} {p.seconds:6.2f}s  {p.status:<4}  nodes->{p.nodes_after}  {stats}")
+        for s in p.skipped[:max_items]:
+            lines.append(f"      skipped {s['item']}: {s['reason']}")
+        if len(p.skipped) > max_items:
+            lines.append(f"      ... {len(p.skipped) - max_items} more skipped (see --report)")
+    if r.fidelity is not None:
+        lines.append("")
+        lines.append(f"Fidelity vs original (ONNX Runtime, {r.calibration} inputs)")
+        for name, f in r.fidelity.items():
+            if "error" in f:
+                lines.append(f"  {name}: {f['error']}")
+                continue
+            top1 = f"  top1 agreement {f['top1_agreement']:.4f}" if "top1_agreement" in f else ""
+            lines.append(f"  {name}: max abs err {f['max_abs_error']:.3g}  rel {f['rel_error']:.3g}"
+                         f"  cosine {f['cosine']:.6f}{top1}")
+    if r.latency:
+        b, a = r.latency["before"], r.latency["after"]
+        lines.append("")
+        lines.append(f"Latency (ORT CPU, {b['threads']} thread, batch {b['batch']}, median of {b['repeats']})")
+        lines.append(f"  before {b['median_ms']:.3f} ms   after {a['median_ms']:.3f} ms   "
+                     f"speed-up {b['median_ms'] / a['median_ms']:.2f}x")
+    for w in r.warnings:
+        lines.append(f"warning: {w}")
+    return lines

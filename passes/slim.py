@@ -1,0 +1,124 @@
+"""Pass ``slim``: graph clean-up that keeps outputs equal (the default pass).
+
+The clean-up is a list of small rewrite rules (``RULES``), each a function that finds one
+pattern and rewrites it, run in rounds until nothing changes. Exact algebra only: every rule
+keeps the model's outputs equal up to float rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxslim_cnn.graph import Graph, array_digest
+from onnxslim_cnn.options import option
+from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
+
+from . import slim_rules as rules
+
+
+@dataclasses.dataclass(frozen=True)
+class SlimOptions:
+    fold_constants: bool = option(True, "evaluate subgraphs whose inputs are all constants (ONNX Runtime)")
+    fold_size_limit_mb: float = option(64.0, "do not fold a constant subgraph whose result exceeds this size",
+                                       min=0.0)
+    eliminate_identity: bool = option(True, "remove Identity, Dropout, no-op Cast/Reshape/Transpose/Pad, x*1, x+0")
+    fold_batchnorm: bool = option(True, "fold BatchNormalization, and per-channel Mul/Add, into the preceding Conv/Gemm")
+    fuse_matmul_add: bool = option(True, "turn MatMul(x, W) + b with 2-D x and constant W, b into one Gemm")
+    fuse_pad: bool = option(True, "fold a zero constant Pad on spatial axes into the following Conv's pads")
+    merge_chains: bool = option(True, "collapse Reshape->Reshape and Transpose->Transpose chains")
+    dedup_initializers: bool = option(True, "merge initializers with identical dtype, shape and bytes")
+    cse: bool = option(True, "merge nodes computing the same op on the same inputs with the same attributes")
+    max_rounds: int = option(8, "stop after this many rounds of rules even if still changing", min=1)
+
+
+@register_pass
+class SlimPass(Pass):
+    name = "slim"
+    summary = ("Exact graph clean-up: constant folding, dead-code and identity elimination, "
+               "BatchNormalization folding into the preceding Conv/Gemm (also BN exported as "
+               "per-channel Mul+Add), MatMul+Add->Gemm, Pad->Conv, reshape/transpose chains, "
+               "duplicate initializer merging and common-subexpression elimination.")
+    Options = SlimOptions
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        o = self.options
+        result = PassResult()
+        enabled: list[tuple[str, Callable[[Graph, PassResult], int]]] = [
+            (name, fn) for name, flag, fn in (
+                ("eliminate_identity", o.eliminate_identity, rules.eliminate_identity),
+                ("merge_chains", o.merge_chains, rules.merge_chains),
+                ("fold_batchnorm", o.fold_batchnorm, rules.fold_batchnorm),
+                ("fold_mul_add", o.fold_batchnorm, rules.fold_channel_affine),
+                ("fuse_matmul_add", o.fuse_matmul_add, rules.fuse_matmul_add),
+                ("fuse_pad", o.fuse_pad, rules.fuse_pad_into_conv),
+                ("cse", o.cse, rules.eliminate_common_subexpressions),
+            ) if flag
+        ]
+        nodes_before = len(graph.nodes)
+        for _ in range(o.max_rounds):
+            changed = 0
+            if o.fold_constants:
+                changed += fold_constants(graph, result, int(o.fold_size_limit_mb * (1 << 20)))
+            for _name, fn in enabled:
+                changed += fn(graph, result)
+                graph.remove_unused()
+            if not changed:
+                break
+        if o.dedup_initializers:
+            dedup_initializers(graph, result)
+        graph.remove_unused()
+        if len(graph.nodes) != nodes_before:
+            result.changed = True
+        result.stats["nodes_removed"] = nodes_before - len(graph.nodes)
+        rules.report_unfolded_batchnorms(graph, result)
+        return result
+
+
+# Ops that must never be evaluated at compile time: results differ between runs.
+NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                    "Multinomial", "Bernoulli"}
+
+
+def fold_constants(graph: Graph, result: PassResult, size_limit: int) -> int:
+    """Evaluate all-constant subgraphs with ONNX Runtime (onnx-graphsurgeon's folder).
+
+    Q/DQ nodes are kept (gs never folds them), so a quantized model stays quantized.
+    """
+    before = len(graph.nodes)
+    graph.toposort()
+    try:
+        graph.gs.fold_constants(fold_shapes=True, partitioning="recursive", error_ok=True,
+                                size_threshold=size_limit,
+                                should_exclude_node=lambda n: n.op in NONDETERMINISTIC or n.domain not in ("", "ai.onnx", None))
+    except Exception as exc:  # folding is an optimisation: a model it cannot evaluate stays as is
+        result.skip("constant folding", f"onnx-graphsurgeon could not fold: {str(exc).splitlines()[0]}")
+        return 0
+    graph.remove_unused()
+    folded = before - len(graph.nodes)
+    if folded:
+        result.changed = True
+        result.count("constant_nodes_folded", folded)
+    return folded
+
+
+def dedup_initializers(graph: Graph, result: PassResult) -> int:
+    """Point every user of a repeated constant at its first copy (by dtype, shape and bytes)."""
+    first: dict[str, gs.Constant] = {}
+    merged = 0
+    for node in graph.nodes:
+        for i, t in enumerate(node.inputs):
+            if not isinstance(t, gs.Constant) or graph.is_graph_output(t):
+                continue
+            key = array_digest(np.asarray(t.values))
+            keep = first.setdefault(key, t)
+            if keep is not t:
+                node.inputs[i] = keep
+                merged += 1
+    if merged:
+        result.changed = True
+        result.count("initializer_uses_merged", merged)
+    return merged
