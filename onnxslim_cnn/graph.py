@@ -244,6 +244,12 @@ class Graph:
                 model.opset_import.append(op)
         return model
 
+    def refresh_shapes(self) -> None:
+        """Re-run shape inference on the current graph (after rewrites that made shapes knowable)."""
+        fresh = Graph.from_model(self.to_model())
+        self.gs = fresh.gs
+        self._names = None
+
     # access ------------------------------------------------------------------------------
     @property
     def nodes(self) -> list[gs.Node]:

@@ -13,11 +13,12 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim_cnn.graph import Graph, array_digest
+from onnxslim_cnn.graph import Graph, array_digest, infer_shapes
 from onnxslim_cnn.options import option
 from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
 
 from . import slim_rules as rules
+from . import slim_shape_rules as shape_rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +30,8 @@ class SlimOptions:
     fold_batchnorm: bool = option(True, "fold BatchNormalization, and per-channel Mul/Add, into the preceding Conv/Gemm")
     fuse_matmul_add: bool = option(True, "turn MatMul(x, W) + b with 2-D x and constant W, b into one Gemm")
     fuse_pad: bool = option(True, "fold a zero constant Pad on spatial axes into the following Conv's pads")
-    merge_chains: bool = option(True, "collapse Reshape->Reshape and Transpose->Transpose chains")
+    merge_chains: bool = option(True, "collapse Reshape->Reshape, Transpose->Transpose and Slice->Slice chains")
+    simplify_shapes: bool = option(True, "turn run-time Reshape targets built from the input's own Shape into constants (0 = copy dim)")
     dedup_initializers: bool = option(True, "merge initializers with identical dtype, shape and bytes")
     cse: bool = option(True, "merge nodes computing the same op on the same inputs with the same attributes")
     max_rounds: int = option(8, "stop after this many rounds of rules even if still changing", min=1)
@@ -51,6 +53,9 @@ class SlimPass(Pass):
             (name, fn) for name, flag, fn in (
                 ("eliminate_identity", o.eliminate_identity, rules.eliminate_identity),
                 ("merge_chains", o.merge_chains, rules.merge_chains),
+                ("merge_slices", o.merge_chains, shape_rules.merge_slices),
+                ("simplify_shapes", o.simplify_shapes, shape_rules.constant_reshape_targets),
+                ("transpose_to_reshape", o.simplify_shapes, shape_rules.transpose_to_reshape),
                 ("fold_batchnorm", o.fold_batchnorm, rules.fold_batchnorm),
                 ("fold_mul_add", o.fold_batchnorm, rules.fold_channel_affine),
                 ("fuse_matmul_add", o.fuse_matmul_add, rules.fuse_matmul_add),
@@ -68,9 +73,11 @@ class SlimPass(Pass):
                 graph.remove_unused()
             if not changed:
                 break
+            graph.refresh_shapes()  # rewrites may have made shapes knowable for the next round
         if o.dedup_initializers:
             dedup_initializers(graph, result)
         graph.remove_unused()
+        correct_output_shapes(graph, result)
         if len(graph.nodes) != nodes_before:
             result.changed = True
         result.stats["nodes_removed"] = nodes_before - len(graph.nodes)
@@ -103,6 +110,36 @@ def fold_constants(graph: Graph, result: PassResult, size_limit: int) -> int:
         result.changed = True
         result.count("constant_nodes_folded", folded)
     return folded
+
+
+def correct_output_shapes(graph: Graph, result: PassResult) -> int:
+    """Replace a declared graph-output shape that contradicts shape inference by the inferred one.
+
+    Some exporters declare wrong output shapes (ddddocr's OCR model declares [1, seqlen] for a
+    [T, 1, 8210] output). ONNX Runtime only warns at run time, but once clean-up makes the shape
+    computable the ONNX checker rejects the model; the runtime's actual shape is what counts.
+    """
+    model = graph.to_model()
+    declared = {}
+    for o in model.graph.output:
+        declared[o.name] = type(o)()
+        declared[o.name].CopyFrom(o)
+        o.type.tensor_type.ClearField("shape")
+    inferred = {o.name: o for o in infer_shapes(model).graph.output}
+    fixed = 0
+    for tensor in graph.outputs:
+        d, i = declared.get(tensor.name), inferred.get(tensor.name)
+        if d is None or i is None or not i.type.tensor_type.HasField("shape") or not d.type.tensor_type.HasField("shape"):
+            continue
+        dd = [x.dim_value if x.HasField("dim_value") else None for x in d.type.tensor_type.shape.dim]
+        ii = [x.dim_value if x.HasField("dim_value") else (x.dim_param or None) for x in i.type.tensor_type.shape.dim]
+        conflict = len(dd) != len(ii) or any(isinstance(b, int) and a is not None and a != b for a, b in zip(dd, ii))
+        if conflict:
+            before = [x.dim_value if x.HasField("dim_value") else x.dim_param for x in d.type.tensor_type.shape.dim]
+            tensor.shape = [b if b is not None else f"{tensor.name}_dim{k}" for k, b in enumerate(ii)]
+            result.change(tensor.name, "corrected_output_shape", declared=before, inferred=list(tensor.shape))
+            fixed += 1
+    return fixed
 
 
 def dedup_initializers(graph: Graph, result: PassResult) -> int:

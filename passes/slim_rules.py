@@ -50,6 +50,8 @@ def _is_noop(graph: Graph, node: gs.Node) -> bool:
     if op == "Transpose":
         perm = node.attrs.get("perm")
         return perm is not None and list(perm) == list(range(len(perm)))
+    if op == "Reshape" and len(ins) > 1 and _reshape_keeps_shape(x, _const(ins[1]), node.attrs.get("allowzero", 0)):
+        return True
     if op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand"):
         return _static(x.shape) and _static(y.shape) and list(x.shape) == list(y.shape)
     if op == "Pad":
@@ -68,6 +70,21 @@ def _is_noop(graph: Graph, node: gs.Node) -> bool:
                 Graph.set_inputs(node, [v, ins[ci]])  # bypass keeps input 0
                 return True
     return False
+
+
+def _reshape_keeps_shape(x: gs.Tensor, target: "np.ndarray | None", allowzero) -> bool:
+    """Reshape(x, target) returns x's own shape: same rank, every entry 0 (copy), -1 (the one
+    remaining dim) or equal to x's static dim."""
+    if target is None or x.shape is None or target.ndim != 1 or len(target) != len(x.shape):
+        return False
+    if np.sum(target == -1) > 1:
+        return False
+    for t, d in zip(target.tolist(), x.shape):
+        if t == -1 or t == 0 and not allowzero:
+            continue
+        if not (isinstance(d, (int, np.integer)) and d == t):
+            return False
+    return True
 
 
 def _static(shape) -> bool:
@@ -102,7 +119,11 @@ def merge_chains(graph: Graph, result: PassResult) -> int:
             continue
         if node.op == "Reshape" and inner.op in PURE_RESHAPES:
             shape = _const(node.inputs[1]) if len(node.inputs) > 1 else None
-            if shape is not None and not np.any(shape == 0):
+            target = _resolve_copy_dims(shape, inner.outputs[0], inner.inputs[0]) \
+                if shape is not None and not node.attrs.get("allowzero", 0) else None
+            if target is not None:
+                if not np.array_equal(target, shape):
+                    node.inputs[1] = graph.add_constant(f"{_label(node)}.shape", target)
                 node.inputs[0] = inner.inputs[0]
                 result.change(_label(node), "merged_reshape_chain")
                 n += 1
@@ -114,6 +135,25 @@ def merge_chains(graph: Graph, result: PassResult) -> int:
                 result.change(_label(node), "merged_transpose_chain")
                 n += 1
     return n
+
+
+def _resolve_copy_dims(target: np.ndarray, mid: gs.Tensor, src: gs.Tensor) -> "np.ndarray | None":
+    """Rewrite a Reshape target that reads ``mid`` so it can read ``src`` instead.
+
+    A 0 entry copies the input's dim: it stays 0 when ``src`` has the same (symbolic) dim at that
+    position, becomes the number when ``mid``'s dim is static, and otherwise makes this None.
+    """
+    out = target.astype(np.int64).copy()
+    for i in np.flatnonzero(target == 0):
+        d = mid.shape[i] if mid.shape is not None and i < len(mid.shape) else None
+        s = src.shape[i] if src.shape is not None and i < len(src.shape) else None
+        if isinstance(d, (int, np.integer)) and d >= 0 and not (isinstance(s, (int, np.integer)) and s == d):
+            out[i] = d
+        elif d is not None and s is not None and d == s:
+            out[i] = 0
+        else:
+            return None
+    return out
 
 
 # --------------------------------------------------------------------------- BN folding

@@ -222,3 +222,74 @@ def test_options_disable_rules():
     m = conv_bn_model()
     out, result = slim(m, fold_batchnorm=False)
     assert "BatchNormalization" in ops(out)
+
+
+def test_dynamic_flatten_target_becomes_constant_with_copy_dims():
+    # Paddle style: Cast(Slice(Cast(Shape(x)))) -> Concat([-1]) -> Reshape, then MatMul + Add
+    nodes = [h.make_node("Relu", ["x"], ["r"]), h.make_node("Shape", ["r"], ["s"]),
+             h.make_node("Cast", ["s"], ["s32"], to=TensorProto.INT32),
+             h.make_node("Slice", ["s32", "st", "en", "st", "en"], ["n"]),
+             h.make_node("Cast", ["n"], ["n64"], to=TensorProto.INT64),
+             h.make_node("Concat", ["n64", "m1"], ["shape"], axis=-1), h.make_node("Reshape", ["r", "shape"], ["f"]),
+             h.make_node("MatMul", ["f", "w"], ["mm"]), h.make_node("Add", ["mm", "b"], ["y"])]
+    m = make_model(nodes, [vi("x", ["N", 4, 8, 8])], [vi("y", ["N", 5])],
+                   [init("st", np.array([0], np.int32)), init("en", np.array([1], np.int32)),
+                    init("m1", np.array([-1], np.int64)), init("w", RNG.normal(size=(256, 5))), init("b", RNG.normal(size=5))])
+    out, result = slim(m)
+    assert ops(out) == ["Relu", "Reshape", "Gemm"]
+    assert result.stats["constant_reshape_target"] == 1
+    shape = [onnx.numpy_helper.to_array(t) for t in out.graph.initializer if t.name.endswith(".shape")]
+    assert [s.tolist() for s in shape] == [[0, -1]]
+    assert_same_outputs(m, out, X)
+
+
+def test_transpose_of_unit_axis_becomes_reshape_and_merges():
+    m = make_model([h.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1, 3]),
+                    h.make_node("Reshape", ["t", "s"], ["y"])],
+                   [vi("x", ["T", 2, 1, 5])], [vi("y", ["T", 1, 10])], [init("s", np.array([0, 0, -1], np.int64))])
+    out, _ = slim(m)
+    assert ops(out) == ["Reshape"]
+    assert_same_outputs(m, out, {"x": RNG.standard_normal((3, 2, 1, 5)).astype(np.float32)})
+
+
+def test_transpose_that_moves_data_is_kept():
+    m = make_model([h.make_node("Transpose", ["x"], ["y"], perm=[0, 2, 1, 3])],
+                   [vi("x", ["T", 2, 3, 5])], [vi("y", ["T", 3, 2, 5])])
+    out, _ = slim(m)
+    assert ops(out) == ["Transpose"]
+
+
+def test_focus_stem_slices_merge():
+    nodes, outs = [], []
+    for k, (a, b) in enumerate([(0, 0), (1, 0), (0, 1), (1, 1)]):
+        nodes += [h.make_node("Slice", ["x", f"s{a}", "big", "ax2", "two"], [f"h{k}"]),
+                  h.make_node("Slice", [f"h{k}", f"s{b}", "big", "ax3", "two"], [f"q{k}"])]
+        outs.append(f"q{k}")
+    nodes.append(h.make_node("Concat", outs, ["y"], axis=1))
+    consts = [init("s0", np.array([0], np.int64)), init("s1", np.array([1], np.int64)),
+              init("big", np.array([2**62], np.int64)), init("ax2", np.array([2], np.int64)),
+              init("ax3", np.array([3], np.int64)), init("two", np.array([2], np.int64))]
+    m = make_model(nodes, [vi("x", ["N", 4, 8, 8])], [vi("y", ["N", 16, 4, 4])], consts)
+    out, _ = slim(m)
+    assert ops(out) == ["Slice"] * 4 + ["Concat"]
+    assert_same_outputs(m, out, X)
+
+
+def test_wrong_declared_output_shape_is_corrected():
+    # ddddocr's OCR model declares [1, seqlen] for a [T, 1, C] output; the checker only sees it
+    # once the reshape target is constant
+    nodes = [h.make_node("Relu", ["x"], ["r"]), h.make_node("Shape", ["r"], ["s"]),
+             h.make_node("Gather", ["s", "i0"], ["n"], axis=0),
+             h.make_node("Unsqueeze", ["n", "ax"], ["n1"]), h.make_node("Concat", ["n1", "rest"], ["shape"], axis=0),
+             h.make_node("Reshape", ["r", "shape"], ["y"])]
+    g = h.make_graph(nodes, "g", [vi("x", ["T", 1, 6])], [vi("y", [1, "seqlen"])],
+                     [init("i0", np.array(0, np.int64)), init("ax", np.array([0], np.int64)),
+                      init("rest", np.array([1, -1], np.int64))])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    out, result = slim(m)
+    assert ops(out) == ["Relu"]  # Reshape(r, [0, 1, -1]) keeps r's shape
+    assert [c for c in result.changes if c["action"] == "corrected_output_shape"][0]["declared"] == [1, "seqlen"]
+    dims = out.graph.output[0].type.tensor_type.shape.dim
+    assert len(dims) == 3 and dims[1].dim_value == 1 and dims[2].dim_value == 6
+    assert_same_outputs(m, out, {"x": RNG.standard_normal((4, 1, 6)).astype(np.float32)})
