@@ -135,6 +135,7 @@ class PassContext:
         self._calib: CalibrationData | None = None
         self._reference = None
         self.cache: dict[str, Any] = {}
+        self.original_session = None  # set by the pipeline, which has loaded the model already
 
     @property
     def calibration(self) -> CalibrationData:
@@ -147,12 +148,8 @@ class PassContext:
                 self._calib = calib_mod.random_inputs(self.original, samples=self.samples, seed=self.seed,
                                                       input_shapes=self.input_shapes)
             elif isinstance(c, dict):
-                import tempfile, os  # noqa: E401 - dict goes through the same validation as a file
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = os.path.join(tmp, "calib.npz")
-                    np.savez(path, **c)
-                    self._calib = calib_mod.load_npz(path, self.original)
-                    self._calib.source = "arrays"
+                # same validation as a file, without a temp file whose name would show in errors
+                self._calib = calib_mod.from_arrays(c, self.original, "calib arrays", "arrays")
             else:
                 self._calib = calib_mod.load_npz(c, self.original)
             self.warnings.extend(self._calib.warnings)
@@ -161,7 +158,7 @@ class PassContext:
     def reference(self):
         """Original model's outputs on the calibration inputs (computed once)."""
         if self._reference is None:
-            self._reference = reference_outputs(self.original, self.calibration)
+            self._reference = reference_outputs(self.original, self.calibration, session=self.original_session)
         return self._reference
 
 
@@ -174,17 +171,17 @@ class PipelineResult:
     report: "Any"  # report.Report
 
 
-def validate(model: onnx.ModelProto) -> "str | None":
-    """None when the model passes the full ONNX check and loads in ONNX Runtime, else why not."""
+def validate(model: onnx.ModelProto) -> "tuple[str | None, object]":
+    """(None, session) when the model passes the full ONNX check and loads in ONNX Runtime,
+    else (why not, None). The session is reused for fidelity, loading big models is slow."""
     try:
         check_model(model, full_check=True)
     except Exception as exc:
-        return f"ONNX checker: {str(exc).strip().splitlines()[0]}"
+        return f"ONNX checker: {str(exc).strip().splitlines()[0]}", None
     try:
-        make_session(model)
+        return None, make_session(model)
     except Exception as exc:
-        return f"onnxruntime load: {str(exc).strip().splitlines()[0]}"
-    return None
+        return f"onnxruntime load: {str(exc).strip().splitlines()[0]}", None
 
 
 def run_pipeline(source: "str | onnx.ModelProto", passes: "list[str | Pass] | None" = None, *,
@@ -198,10 +195,11 @@ def run_pipeline(source: "str | onnx.ModelProto", passes: "list[str | Pass] | No
     pass_objs = resolve_passes(list(passes) if passes else ["slim"], options)
     original = load_model(source)
     try:
-        make_session(original)
+        original_session = make_session(original)
     except Exception as exc:
         raise UserError(f"onnxruntime cannot load the input model: {str(exc).strip().splitlines()[0]}") from None
     ctx = PassContext(original, calib=calib, input_shapes=input_shapes, seed=seed)
+    ctx.original_session = original_session
     try:
         calibration = ctx.calibration
     except UserError as exc:
@@ -216,7 +214,7 @@ def run_pipeline(source: "str | onnx.ModelProto", passes: "list[str | Pass] | No
     report = Report(input=model_stats(original, cost_shapes),
                     calibration=calibration.source if calibration else None)
 
-    current = original
+    current, session = original, original_session
     total = len(pass_objs)
     for i, p in enumerate(pass_objs):
         if progress:
@@ -225,21 +223,21 @@ def run_pipeline(source: "str | onnx.ModelProto", passes: "list[str | Pass] | No
         graph = Graph.from_model(current)
         result = p.run(graph, ctx)
         candidate = graph.to_model() if result.changed else current
-        problem = validate(candidate) if result.changed else None
+        problem, new_session = validate(candidate) if result.changed else (None, None)
         status = "ok"
         if problem:
             # A pass that breaks the model is a bug; the user still gets a valid model.
             status = f"reverted: {problem}"
             ctx.warnings.append(f"pass {p.name} produced an invalid model and was reverted ({problem})")
-        else:
-            current = candidate
+        elif result.changed:
+            current, session = candidate, new_session
         report.passes.append(PassRecord.from_result(p, result, time.perf_counter() - t0, status,
                                                     nodes_after=len(current.graph.node)))
     if progress:
         progress(total, total, "measure")
     report.output = model_stats(current, cost_shapes)
     if fidelity:
-        report.fidelity = measure_fidelity(original, current, ctx.calibration, ctx.reference())
+        report.fidelity = measure_fidelity(original, current, ctx.calibration, ctx.reference(), session=session)
     if bench:
         report.latency = {"before": measure_latency(original, ctx.calibration),
                           "after": measure_latency(current, ctx.calibration)}

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim_cnn.graph import Graph, array_digest, infer_shapes
+from onnxslim_cnn.graph import Graph, array_digest
 from onnxslim_cnn.options import option
 from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
 
@@ -119,43 +119,53 @@ def correct_output_shapes(graph: Graph, result: PassResult) -> int:
     [T, 1, 8210] output). ONNX Runtime only warns at run time, but once clean-up makes the shape
     computable the ONNX checker rejects the model; the runtime's actual shape is what counts.
     """
-    model = graph.to_model()
-    declared = {}
-    for o in model.graph.output:
-        declared[o.name] = type(o)()
-        declared[o.name].CopyFrom(o)
-        o.type.tensor_type.ClearField("shape")
-    inferred = {o.name: o for o in infer_shapes(model).graph.output}
+    declared = {t.name: (list(t.shape) if t.shape is not None else None) for t in graph.outputs}
+    graph.refresh_shapes(outputs=True)
     fixed = 0
     for tensor in graph.outputs:
-        d, i = declared.get(tensor.name), inferred.get(tensor.name)
-        if d is None or i is None or not i.type.tensor_type.HasField("shape") or not d.type.tensor_type.HasField("shape"):
+        before, after = declared.get(tensor.name), tensor.shape
+        if before is None or after is None:
+            tensor.shape = before if after is None else after
             continue
-        dd = [x.dim_value if x.HasField("dim_value") else None for x in d.type.tensor_type.shape.dim]
-        ii = [x.dim_value if x.HasField("dim_value") else (x.dim_param or None) for x in i.type.tensor_type.shape.dim]
-        conflict = len(dd) != len(ii) or any(isinstance(b, int) and a is not None and a != b for a, b in zip(dd, ii))
+        conflict = len(before) != len(after) or any(
+            isinstance(a, (int, np.integer)) and isinstance(b, (int, np.integer)) and a != b
+            for a, b in zip(before, after))
         if conflict:
-            before = [x.dim_value if x.HasField("dim_value") else x.dim_param for x in d.type.tensor_type.shape.dim]
-            tensor.shape = [b if b is not None else f"{tensor.name}_dim{k}" for k, b in enumerate(ii)]
+            tensor.shape = [b if b is not None else f"{tensor.name}_dim{k}" for k, b in enumerate(after)]
             result.change(tensor.name, "corrected_output_shape", declared=before, inferred=list(tensor.shape))
             fixed += 1
+        else:
+            tensor.shape = before  # the declared shape stands (it may carry the user's dim names)
     return fixed
 
 
 def dedup_initializers(graph: Graph, result: PassResult) -> int:
     """Point every user of a repeated constant at its first copy (by dtype, shape and bytes)."""
-    first: dict[str, gs.Constant] = {}
-    merged = 0
+    uses: list[tuple[gs.Node, int, gs.Constant]] = []
+    by_layout: dict[tuple, list[gs.Constant]] = {}
     for node in graph.nodes:
         for i, t in enumerate(node.inputs):
-            if not isinstance(t, gs.Constant) or graph.is_graph_output(t):
-                continue
-            key = array_digest(np.asarray(t.values))
-            keep = first.setdefault(key, t)
-            if keep is not t:
-                node.inputs[i] = keep
-                merged += 1
+            if isinstance(t, gs.Constant) and not graph.is_graph_output(t):
+                uses.append((node, i, t))
+                group = by_layout.setdefault((str(t.dtype), tuple(t.shape)), [])
+                if all(c is not t for c in group):
+                    group.append(t)
+    # Only constants that share dtype and shape can be equal: hash just those (big weights
+    # are usually unique, and hashing VGG-16's 550 MB costs seconds).
+    keep: dict[int, gs.Constant] = {}
+    for group in by_layout.values():
+        if len(group) < 2:
+            continue
+        first: dict[str, gs.Constant] = {}
+        for t in group:
+            keep[id(t)] = first.setdefault(array_digest(np.asarray(t.values)), t)
+    merged = set()
+    for node, i, t in uses:
+        k = keep.get(id(t), t)
+        if k is not t:
+            node.inputs[i] = k
+            merged.add(t.name)
     if merged:
         result.changed = True
-        result.count("initializer_uses_merged", merged)
-    return merged
+        result.count("duplicate_initializers_merged", len(merged))
+    return len(merged)

@@ -397,10 +397,9 @@ def _attr_key(v) -> str:
 def _input_key(t: "gs.Tensor | None") -> str:
     if t is None:
         return "-"
-    if isinstance(t, gs.Constant):
-        v = np.asarray(t.values)
-        if v.size <= 64:  # small constants (shapes, axes, scalars) compare by value
-            return f"c{v.dtype}{v.shape}{v.tobytes().hex()}"
+    if isinstance(t, gs.Constant) and int(np.prod(t.shape)) <= 64:
+        v = np.asarray(t.values)  # small constants (shapes, axes, scalars) compare by value
+        return f"c{v.dtype}{v.shape}{v.tobytes().hex()}"
     return f"t{id(t)}"
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from ..graph import infer_shapes, model_bytes, with_static_inputs
+from ..graph import inferred, model_bytes, skeleton, with_static_inputs
 
 # Element types that hold learned weights. Integer shape/axes tensors (int32/int64) are not
 # parameters; int8/uint8/int4 are (quantized weights).
@@ -49,7 +49,26 @@ def count_params(model: onnx.ModelProto) -> int:
             for a in node.attribute:
                 if a.name == "value" and a.t.data_type in PARAM_TYPES:
                     total += int(np.prod(a.t.dims, dtype=np.int64))
+                # float list/scalar forms too: Graph.from_model turns them into float initializers,
+                # and the count must not change with that
+                elif a.name == "value_floats":
+                    total += len(a.floats)
+                elif a.name == "value_float":
+                    total += 1
     return total
+
+
+def _node_keys(model: onnx.ModelProto) -> list[str]:
+    """One key per node: its name, or its output name when unnamed or when the name is taken
+    (ONNX does not require unique node names; a shared key would hide a node's MACs)."""
+    keys, seen = [], set()
+    for node in model.graph.node:
+        key = node.name or node.output[0]
+        if key in seen:
+            key = f"{key}/{node.output[0]}"
+        seen.add(key)
+        keys.append(key)
+    return keys
 
 
 def node_macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, int], list[str]]:
@@ -57,7 +76,7 @@ def node_macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) 
 
     Returns (macs, unknown) where ``unknown`` lists the nodes whose shapes could not be inferred.
     """
-    static = infer_shapes(with_static_inputs(model, input_shapes))
+    static = inferred(with_static_inputs(skeleton(model), input_shapes))
     shapes: dict[str, tuple] = {}
     for vi in list(static.graph.value_info) + list(static.graph.input) + list(static.graph.output):
         dims = vi.type.tensor_type.shape.dim
@@ -72,10 +91,9 @@ def node_macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) 
                     shapes[node.output[0]] = tuple(a.t.dims)
     macs: dict[str, int] = {}
     unknown: list[str] = []
-    for node in static.graph.node:
+    for node, key in zip(static.graph.node, _node_keys(static)):
         if node.op_type not in MAC_OPS or node.domain not in ("", "ai.onnx"):
             continue
-        key = node.name or node.output[0]
         value = _macs_of(node, shapes)
         if value is None:
             unknown.append(key)
@@ -117,7 +135,7 @@ def model_stats(model: onnx.ModelProto, input_shapes: "dict[str, tuple[int, ...]
     ops = Counter(n.op_type for n in model.graph.node)
     macs, unknown = node_macs(model, input_shapes) if input_shapes is not None else ({}, [])
     by_op: Counter = Counter()
-    op_of = {(n.name or n.output[0]): n.op_type for n in model.graph.node}
+    op_of = {key: n.op_type for n, key in zip(model.graph.node, _node_keys(model))}
     for key, value in macs.items():
         by_op[op_of.get(key, "?")] += value
     return ModelStats(

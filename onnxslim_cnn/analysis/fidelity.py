@@ -11,8 +11,9 @@ from .calibration import CalibrationData
 from .runtime_session import make_session, run_chunks
 
 
-def reference_outputs(model: onnx.ModelProto, calib: CalibrationData) -> tuple[list[str], list[list[np.ndarray]]]:
-    sess = make_session(model)
+def reference_outputs(model: onnx.ModelProto, calib: CalibrationData,
+                      session=None) -> tuple[list[str], list[list[np.ndarray]]]:
+    sess = session or make_session(model)
     names = [o.name for o in sess.get_outputs()]
     return names, run_chunks(sess, calib.inputs, calib.batch)
 
@@ -46,9 +47,10 @@ def compare(names: list[str], ref: list[list[np.ndarray]], new: list[list[np.nda
 
 
 def fidelity(original: onnx.ModelProto, rewritten: onnx.ModelProto, calib: CalibrationData,
-             reference: "tuple[list[str], list[list[np.ndarray]]] | None" = None) -> dict:
+             reference: "tuple[list[str], list[list[np.ndarray]]] | None" = None, session=None) -> dict:
+    """``session``: an ORT session already built for ``rewritten`` (saves a reload)."""
     names, ref = reference or reference_outputs(original, calib)
-    sess = make_session(rewritten)
+    sess = session or make_session(rewritten)
     new_names = [o.name for o in sess.get_outputs()]
     new = run_chunks(sess, calib.inputs, calib.batch, output_names=names if set(names) <= set(new_names) else None)
     return compare(names, ref, new)

@@ -9,7 +9,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ..graph import EXTERNAL_DATA_THRESHOLD, save_model
+from .. import graph as _graph
+from ..graph import approx_bytes, save_model
 
 
 def make_session(model: onnx.ModelProto, *, threads: int = 1, optimize: bool = True,
@@ -22,7 +23,7 @@ def make_session(model: onnx.ModelProto, *, threads: int = 1, optimize: bool = T
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     providers = providers or ["CPUExecutionProvider"]
-    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+    if approx_bytes(model) < _graph.EXTERNAL_DATA_THRESHOLD:
         return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
