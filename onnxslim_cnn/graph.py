@@ -329,6 +329,11 @@ class Graph:
                 model.ClearField(fd.name)
         _copy_fields(self._template, model)
         model.opset_import.extend(extra)
+        if model.ir_version < 4:
+            # IR < 4 requires every initializer among the graph inputs; gs drops those on import.
+            listed = {i.name for i in model.graph.input}
+            model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                                     for t in model.graph.initializer if t.name not in listed)
         return model
 
     def refresh_shapes(self, *, outputs: bool = False) -> None:

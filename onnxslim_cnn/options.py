@@ -205,6 +205,9 @@ def load_recipe(path: "str | Path") -> tuple[list[str], dict[str, dict[str, Any]
         raise UserError(f"{path}: a recipe is a mapping with keys 'passes' and 'options'")
     passes: list[str] = []
     options: dict[str, dict[str, Any]] = {}
+    # A string would be iterated character by character and a mapping key by key (its options lost).
+    if not isinstance(data.get("passes") or [], list):
+        raise UserError(f"{path}: 'passes' must be a list of pass names or one-key maps name: options")
     for entry in data.get("passes") or []:
         if isinstance(entry, str):
             passes.append(entry)

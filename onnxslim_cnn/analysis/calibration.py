@@ -99,6 +99,10 @@ def random_inputs(model: onnx.ModelProto, *, samples: int = 8, seed: int = 0,
             shape = list(input_shapes[spec.name])
             if len(shape) != len(spec.dims):
                 raise UserError(f"--input-shape {spec.name}: rank {len(shape)} but the model input has rank {len(spec.dims)}")
+            # a clash with a static dim would only surface later as an ORT error
+            for axis, (given, d) in enumerate(zip(shape, spec.dims)):
+                if axis > 0 and isinstance(d, int) and d > 0 and given != d:
+                    raise UserError(f"--input-shape {spec.name}: {tuple(shape)} but the model expects {spec.dims}")
             if shape:
                 shape[0] = samples  # the given batch size is one run's; samples fill axis 0
         else:
@@ -144,35 +148,54 @@ def load_npz(path: "str | Path", model: onnx.ModelProto) -> CalibrationData:
     if not path.is_file():
         raise UserError(f"calibration file not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a .npy file holds one unnamed array
+            raise ValueError("one array, not named arrays; write the file with numpy.savez")
+        with data:
             arrays = {k: data[k] for k in data.files}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise UserError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0]})") from None
+    return from_arrays(arrays, model, str(path), f"file:{path}")
+
+
+def from_arrays(arrays: "dict[str, np.ndarray]", model: onnx.ModelProto, label: str = "calib",
+                source: str = "arrays") -> CalibrationData:
+    """Validate arrays named after the model inputs (samples on axis 0); errors start with ``label``.
+
+    A dict from the Python API comes here directly: through a temporary .npz its errors would name
+    a temp file, and ``np.savez(path, **arrays)`` fails on an input named ``file``.
+    """
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
     specs = graph_inputs(model)
     names = [s.name for s in specs]
     missing = [n for n in names if n not in arrays]
     if missing:
-        raise UserError(f"{path}: no array for model input(s) {', '.join(missing)} (arrays: {', '.join(sorted(arrays)) or 'none'})")
+        raise UserError(f"{label}: no array for model input(s) {', '.join(missing)} (arrays: {', '.join(sorted(arrays)) or 'none'})")
     extra = sorted(set(arrays) - set(names))
     inputs, counts = {}, set()
     for spec in specs:
         a = arrays[spec.name]
         if len(a.shape) != len(spec.dims):
-            raise UserError(f"{path}: array '{spec.name}' has shape {a.shape}, the model input has rank {len(spec.dims)}")
+            raise UserError(f"{label}: array '{spec.name}' has shape {a.shape}, the model input has rank {len(spec.dims)}")
         for axis, d in enumerate(spec.dims):
             if axis > 0 and isinstance(d, int) and d > 0 and a.shape[axis] != d:
-                raise UserError(f"{path}: array '{spec.name}' has shape {a.shape}, the model expects {spec.dims}")
+                raise UserError(f"{label}: array '{spec.name}' has shape {a.shape}, the model expects {spec.dims}")
         if a.dtype != spec.dtype:
             if np.issubdtype(a.dtype, np.floating) and np.issubdtype(spec.dtype, np.floating) or \
                     np.issubdtype(a.dtype, np.integer) and np.issubdtype(spec.dtype, np.integer):
                 a = a.astype(spec.dtype)
             else:
-                raise UserError(f"{path}: array '{spec.name}' is {a.dtype}, the model input is {spec.dtype}")
+                raise UserError(f"{label}: array '{spec.name}' is {a.dtype}, the model input is {spec.dtype}")
+        fixed = _fixed_batch(spec)
+        if fixed and a.ndim and a.shape[0] % fixed:
+            # runs go in whole batches of the fixed size; a short last run would fail in ORT
+            raise UserError(f"{label}: array '{spec.name}' has {a.shape[0]} samples, not a multiple of the "
+                            f"model's fixed batch {fixed}")
         inputs[spec.name] = np.ascontiguousarray(a)
         if a.ndim:
             counts.add(a.shape[0])
     if len(counts) > 1:
-        raise UserError(f"{path}: arrays disagree on the number of samples (axis 0: {sorted(counts)})")
-    warnings = [f"{path}: ignoring arrays that are not model inputs: {', '.join(extra)}"] if extra else []
-    return CalibrationData(inputs, f"file:{path}", _run_batch(specs, counts.pop() if counts else 1), warnings,
+        raise UserError(f"{label}: arrays disagree on the number of samples (axis 0: {sorted(counts)})")
+    warnings = [f"{label}: ignoring arrays that are not model inputs: {', '.join(extra)}"] if extra else []
+    return CalibrationData(inputs, source, _run_batch(specs, counts.pop() if counts else 1), warnings,
                            fixed_batch=any(_fixed_batch(s) for s in specs))
