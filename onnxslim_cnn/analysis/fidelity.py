@@ -26,11 +26,12 @@ def compare(names: list[str], ref: list[list[np.ndarray]], new: list[list[np.nda
     """
     out = {}
     for i, name in enumerate(names):
+        shapes_ref, shapes_new = [np.shape(c[i]) for c in ref], [np.shape(c[i]) for c in new]
+        if shapes_ref != shapes_new:
+            out[name] = {"error": f"shape changed: {shapes_ref[0]} -> {shapes_new[0]}"}
+            continue
         r = np.concatenate([np.asarray(c[i], dtype=np.float64).ravel() for c in ref])
         n = np.concatenate([np.asarray(c[i], dtype=np.float64).ravel() for c in new])
-        if r.shape != n.shape:
-            out[name] = {"error": f"shape changed: {r.shape} -> {n.shape}"}
-            continue
         diff = np.abs(r - n)
         scale = float(np.max(np.abs(r))) if r.size else 0.0
         denom = float(np.linalg.norm(r) * np.linalg.norm(n))
