@@ -126,6 +126,11 @@ def approx_bytes(model: onnx.ModelProto) -> int:
             continue
         n = int(np.prod(t.dims, dtype=np.int64))
         total += n * _ITEMSIZE.get(t.data_type, 8)
+    for node in model.graph.node:  # Paddle exports keep every weight in Constant nodes
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    total += int(np.prod(a.t.dims, dtype=np.int64)) * _ITEMSIZE.get(a.t.data_type, 8)
     return total + 1_000_000  # nodes, names, attributes: generous for any CNN
 
 

@@ -76,7 +76,9 @@ def _check_bounds(value: Any, f: dataclasses.Field, label: str) -> None:
             raise UserError(f"bad value for {label}: {v!r} (choose from {', '.join(map(str, choices))})")
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             if lo is not None and v < lo or hi is not None and v > hi:
-                raise UserError(f"bad value for {label}: {v!r} (must be within [{lo}, {hi}])")
+                bound = (f"within [{lo}, {hi}]" if lo is not None and hi is not None
+                         else f">= {lo}" if lo is not None else f"<= {hi}")
+                raise UserError(f"bad value for {label}: {v!r} (must be {bound})")
 
 
 def coerce(raw: Any, tp: Any, label: str) -> Any:

@@ -8,6 +8,7 @@ pipeline builds the ``Graph`` it works on, validates what it returns (ONNX check
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -221,10 +222,20 @@ def run_pipeline(source: "str | onnx.ModelProto", passes: "list[str | Pass] | No
             progress(i, total, p.name)
         t0 = time.perf_counter()
         graph = Graph.from_model(current)
-        result = p.run(graph, ctx)
-        candidate = graph.to_model() if result.changed else current
+        try:
+            result = p.run(graph, ctx)
+            candidate = graph.to_model() if result.changed else current
+        except UserError:
+            raise
+        except Exception as exc:
+            # A crashing pass is a bug; the model it was given is still good, so keep it and say so.
+            if os.environ.get("ONNXSLIM_CNN_DEBUG"):
+                raise
+            result, candidate = PassResult(), current
+            result.skip(p.name, f"pass failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+            ctx.warnings.append(f"pass {p.name} failed and was skipped ({type(exc).__name__}: {exc})".splitlines()[0])
         problem, new_session = validate(candidate) if result.changed else (None, None)
-        status = "ok"
+        status = "ok" if not (result.skipped and result.skipped[-1]["reason"].startswith("pass failed")) else "failed"
         if problem:
             # A pass that breaks the model is a bug; the user still gets a valid model.
             status = f"reverted: {problem}"

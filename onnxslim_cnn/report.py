@@ -106,8 +106,9 @@ def _table_lines(r: Report, max_items: int) -> list[str]:
     if changed_ops:
         lines.append("  ops changed: " + ", ".join(
             f"{op} {inp.op_counts.get(op, 0)}->{out.op_counts.get(op, 0)}" for op in changed_ops))
-    if inp.macs_unknown or out.macs_unknown:
-        lines.append(f"  MACs not counted for {len(out.macs_unknown)} node(s) with unknown shapes")
+    for label, stats in (("input", inp), ("output", r.output)):
+        if stats is not None and stats.macs_unknown:
+            lines.append(f"  MACs not counted for {len(stats.macs_unknown)} {label} node(s) with unknown shapes")
     lines.append("")
     lines.append("Passes")
     for p in r.passes:

@@ -238,3 +238,26 @@ def test_compress_is_deterministic_across_hash_seeds(tmp_path):
         subprocess.run([sys.executable, "-c", code, str(src), str(out)], check=True, env=env)
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
+
+
+def test_a_pass_that_crashes_is_skipped_and_reported(tmp_path):
+    from onnxslim_cnn.pipeline import _REGISTRY, Pass, register_pass
+    from graphs import conv_bn_model
+
+    @register_pass
+    class Crashing(Pass):
+        name = "test_crashing"
+        summary = "raises"
+
+        def run(self, graph, ctx):
+            raise RuntimeError("boom")
+
+    try:
+        model = conv_bn_model()
+        out, report = onnxslim_cnn.compress(model, passes=["test_crashing", "slim"])
+        assert report.passes[0].status == "failed"
+        assert report.passes[0].skipped[0]["reason"] == "pass failed: RuntimeError: boom"
+        assert any("test_crashing failed" in w for w in report.warnings)
+        assert report.passes[1].status == "ok" and "BatchNormalization" not in report.output.op_counts
+    finally:
+        del _REGISTRY["test_crashing"]

@@ -196,7 +196,9 @@ def test_compare_identical_zero_and_changed_shape():
     assert zero["cosine"] == 1.0 and zero["rel_error"] == 0.0
     off = compare(["y"], [[np.zeros((2, 3))]], [[np.full((2, 3), 0.5)]])["y"]
     assert off["rel_error"] == 0.5 and off["cosine"] == 0.0  # no scale: the absolute figure
-    assert compare(["y"], [[np.zeros((2, 3))]], [[np.zeros((2, 4))]])["y"] == {"error": "shape changed: (6,) -> (8,)"}
+    assert compare(["y"], [[np.zeros((2, 3))]], [[np.zeros((2, 4))]])["y"] == {"error": "shape changed: (2, 3) -> (2, 4)"}
+    # same values in another shape (OnnxSlim did this to ddddocr's OCR output) is a change too
+    assert compare(["y"], [[np.zeros((2, 3))]], [[np.zeros((1, 6))]])["y"] == {"error": "shape changed: (2, 3) -> (1, 6)"}
 
 
 @pytest.mark.parametrize("shape", [(3, 2, 4), (2, 1), (6,), (2, 3, 1, 1)])
