@@ -168,3 +168,22 @@ def test_missing_arguments(tmp_path):
 
 def test_in_process_main_returns_exit_code(tmp_path):
     assert main([str(tmp_path / "missing.onnx"), str(tmp_path / "o.onnx")]) == 2
+
+
+def test_progress_bar_only_when_enabled(capsys):
+    from onnxslim_cnn.cli import _Progress
+
+    _Progress(enabled=False)(0, 1, "slim")
+    assert capsys.readouterr().err == ""
+    bar = _Progress(enabled=True)
+    bar(0, 1, "slim")
+    bar(1, 1, "measure")
+    err = capsys.readouterr().err
+    assert "0/1 slim" in err and "1/1 measure" in err and err.endswith("\n")
+
+
+def test_quiet_and_non_tty_print_no_progress(model_path, tmp_path):
+    code, stdout, stderr = cli(model_path, tmp_path / "o.onnx")  # stderr is a pipe here
+    assert code == 0 and "[" not in stderr
+    code, stdout, stderr = cli(model_path, tmp_path / "o.onnx", "--quiet")
+    assert code == 0 and stdout == "" and stderr == ""
