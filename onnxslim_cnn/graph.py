@@ -308,6 +308,7 @@ class Graph:
         self.gs = gs_graph
         self._template = template  # a ModelProto without graph: opset, metadata, functions
         self._names: set[str] | None = None
+        self.source: "onnx.ModelProto | None" = None
 
     # construction ------------------------------------------------------------------------
     @classmethod
@@ -317,7 +318,9 @@ class Graph:
         constants_to_initializers(work)
         if shapes:
             annotate_shapes(work)
-        return cls(gs.import_onnx(work), _without_graph(work))
+        graph = cls(gs.import_onnx(work), _without_graph(work))
+        graph.source = model  # the model this graph was built from (for activation capture)
+        return graph
 
     def to_model(self) -> onnx.ModelProto:
         """Export, keeping the original ir_version, opset imports and metadata."""

@@ -156,6 +156,22 @@ class PassContext:
             self.warnings.extend(self._calib.warnings)
         return self._calib
 
+    def activations(self, model: onnx.ModelProto, names: "list[str]") -> dict[str, np.ndarray]:
+        """Values of intermediate tensors ``names`` of ``model`` on the calibration inputs.
+
+        One ORT run over all calibration samples with the tensors exposed as extra outputs;
+        chunks are concatenated along axis 0 (the batch axis of CNN activations). Cached per
+        model and tensor, so passes asking for the same activations share one run.
+        """
+        from .analysis.activations import capture
+
+        key = id(model)
+        cached = self.cache.setdefault(("activations", key), {"model": model, "values": {}})
+        missing = [n for n in names if n not in cached["values"]]
+        if missing:
+            cached["values"].update(capture(model, missing, self.calibration))
+        return {n: cached["values"][n] for n in names}
+
     def reference(self):
         """Original model's outputs on the calibration inputs (computed once)."""
         if self._reference is None:

@@ -220,3 +220,34 @@ def test_load_npz_object_array_refused(tmp_path):
     p = tmp_path / "obj.npz"
     np.savez(p, x=np.array([{"a": 1}], dtype=object))
     assert user_error(load_npz, p, conv_bn_model()).startswith(f"{p}: not a readable .npz file")
+
+
+def test_activations_capture_intermediate_tensors_and_cache():
+    import onnx
+
+    import onnxslim_cnn.analysis.activations as act
+    from graphs import conv_bn_model
+    from onnxslim_cnn.pipeline import PassContext
+
+    model = conv_bn_model()
+    x = np.random.default_rng(3).standard_normal((5, 4, 8, 8)).astype(np.float32)
+    ctx = PassContext(model, calib={"x": x})
+    got = ctx.activations(model, ["c", "bn", "x"])
+    assert got["c"].shape == (5, 6, 8, 8) and got["bn"].shape == (5, 6, 8, 8)
+    assert got["x"] is ctx.calibration.inputs["x"]
+    # BN of the conv output, computed by hand from the model's constants
+    w = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    c = got["c"].astype(np.float64)
+    scale = w["g"] / np.sqrt(w["v"] + 1e-3)
+    expect = (c - w["m"][None, :, None, None]) * scale[None, :, None, None] + w["b"][None, :, None, None]
+    assert np.abs(expect - got["bn"]).max() < 1e-4
+    calls = []
+    real = act.capture
+    try:
+        act.capture = lambda *a, **k: calls.append(a) or real(*a, **k)
+        ctx.activations(model, ["c"])
+        assert calls == []  # cached
+    finally:
+        act.capture = real
+    with pytest.raises(KeyError):
+        ctx.activations(model, ["w"])
