@@ -1,5 +1,6 @@
 """Built-in passes (installed as ``onnxslim_cnn.passes``); importing this registers them."""
 
+from .prune import PrunePass
 from .slim import SlimPass
 
-__all__ = ["SlimPass"]
+__all__ = ["PrunePass", "SlimPass"]

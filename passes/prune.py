@@ -1,0 +1,215 @@
+"""Pass ``prune``: structured filter/neuron pruning driven by the channel dependency analysis.
+
+1. ``analysis.channels.analyze`` groups coupled channels and freezes what it cannot follow.
+2. Each pruning unit (a class of coupled channels) gets an importance: the criterion's score of
+   every member filter, normalised per producer (so a residual stream's convs count alike), summed.
+3. Allocation picks the least important units: the same ratio in every group (``scope=uniform``)
+   or one threshold across all groups (``scope=global``), per-layer overrides, protected layers,
+   and channel counts kept a multiple of ``round_to``.
+4. ``prune_rewrite.Rewriter`` removes them everywhere, compensating the consumers' biases with
+   the removed channels' mean activation (exact for dead channels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxslim_cnn.analysis.channels import ChannelAnalysis, ChannelGroup, analyze
+from onnxslim_cnn.graph import Graph
+from onnxslim_cnn.options import option
+from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
+
+from .prune_rewrite import Rewriter
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneOptions:
+    ratio: float = option(0.5, "share of channels to remove in each group (uniform) or overall (global)",
+                          min=0.0, max=0.95)
+    criterion: Literal["l1", "l2", "bn_gamma", "activation"] = option(
+        "l1", "importance: filter L1/L2 norm, |gamma| of the following BN (network slimming), "
+        "or mean |activation| on calibration data")
+    scope: Literal["uniform", "global"] = option("uniform", "same ratio per group, or one ranking across groups")
+    layer_ratio: dict[str, float] = option({}, "per-layer ratio overrides by producer node name (name:ratio,...)")
+    protect: list[str] = option([], "producer node names never pruned (in addition to the defaults)")
+    protect_first: bool = option(True, "protect the group of the first conv (fed by a graph input)")
+    round_to: int = option(1, "keep channel counts a multiple of this (e.g. 8 for SIMD-friendly shapes)", min=1)
+    compensate: bool = option(True, "replace removed channels by their mean activation in consumers' "
+                                    "biases (exact for dead channels); needs calibration data")
+    zero_only: bool = option(False, "remove only channels whose filters are entirely zero (exact)")
+
+
+@register_pass
+class PrunePass(Pass):
+    name = "prune"
+    summary = ("Structured pruning: removes whole conv filters / FC neurons and everything coupled to "
+               "them (BN channels, residual Adds, Concat offsets, depthwise convs, SE blocks, "
+               "Flatten->FC blocks, consumers' input channels); frozen groups are reported with the "
+               "op that froze them.")
+    Options = PruneOptions
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.options.criterion == "activation" or self.options.compensate
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        o = self.options
+        result = PassResult()
+        analysis = analyze(graph)
+        protected = set(o.protect)
+        if o.protect_first:
+            protected |= _first_convs(graph, analysis)
+        scores = _importance(graph, analysis, o.criterion, ctx)
+        removed_units: dict[int, list[int]] = {}
+        for group in analysis.groups:
+            if group.frozen:
+                result.skip(",".join(group.producers[:3]), f"frozen: {group.frozen}")
+                continue
+            if protected & set(group.producers):
+                result.skip(",".join(group.producers[:3]), "protected layer")
+                continue
+            for root, why in list(group.frozen_units.items())[:1]:
+                result.skip(",".join(group.producers[:3]), f"{len(group.frozen_units)} channel(s) frozen: {why}")
+        candidates = [g for g in analysis.groups if not g.frozen and not (protected & set(g.producers))]
+        if o.zero_only:
+            removed_units = {g.index: [u for u in g.prunable if scores[g.index][u] == 0.0] for g in candidates}
+        elif o.scope == "uniform":
+            for g in candidates:
+                ratio = max((o.layer_ratio.get(p, o.ratio) for p in g.producers), default=o.ratio)
+                removed_units[g.index] = _pick(g, scores[g.index], _n_remove(g, ratio, o.round_to))
+        else:
+            removed_units = _global(candidates, scores, o)
+        removed_ids = [g.unit_ids[u] for g in candidates for u in removed_units.get(g.index, [])]
+        if not removed_ids:
+            return result
+        removed = np.concatenate(removed_ids)
+        rewriter = Rewriter(graph, analysis, removed)
+        compensation = _compensation(graph, rewriter, ctx) if o.compensate else {}
+        rewriter.apply(compensation)
+        for g in candidates:
+            n = len(removed_units.get(g.index, []))
+            if n:
+                result.change(",".join(g.producers[:3]) + ("..." if len(g.producers) > 3 else ""),
+                              "pruned_channels", layers=g.producers, channels_before=g.channels,
+                              channels_after=g.channels - n)
+        result.stats["channels_removed"] = int(sum(len(v) for v in removed_units.values()))
+        result.stats["groups_frozen"] = sum(1 for g in analysis.groups if g.frozen)
+        return result
+
+
+def _first_convs(graph: Graph, a: ChannelAnalysis) -> set[str]:
+    inputs = {t.name for t in graph.inputs}
+    return {name for name, p in a.producers.items() if p.node.inputs[0].name in inputs}
+
+
+def _n_remove(g: ChannelGroup, ratio: float, round_to: int) -> int:
+    total, prunable = g.channels, len(g.prunable)
+    keep = total - int(np.floor(ratio * total))
+    if round_to > 1:
+        keep = max(round_to, int(np.ceil(keep / round_to)) * round_to)
+    keep = max(keep, 1, total - prunable)
+    return max(0, min(total - keep, prunable))
+
+
+def _pick(g: ChannelGroup, scores: dict[int, float], n: int) -> list[int]:
+    order = sorted(g.prunable, key=lambda u: (scores[u], u))  # ties: by id, deterministic
+    return order[:n]
+
+
+def _global(groups: list[ChannelGroup], scores, o: PruneOptions) -> dict[int, list[int]]:
+    ranked = sorted(((scores[g.index][u], g.index, u) for g in groups for u in g.prunable))
+    total = sum(g.channels for g in groups)
+    budget = int(np.floor(o.ratio * total))
+    taken: dict[int, list[int]] = {g.index: [] for g in groups}
+    cap = {g.index: _n_remove(g, 0.95, o.round_to) for g in groups}  # never empty a group
+    for _, gi, u in ranked:
+        if budget <= 0:
+            break
+        if len(taken[gi]) < cap[gi]:
+            taken[gi].append(u)
+            budget -= 1
+    if o.round_to > 1:  # give back the most important picks until the kept count is a multiple
+        for g in groups:
+            while taken[g.index] and (g.channels - len(taken[g.index])) % o.round_to:
+                taken[g.index].pop()
+    return taken
+
+
+# --------------------------------------------------------------------------- importance
+
+
+def _filter_scores(p, criterion: str) -> np.ndarray:
+    w = np.asarray(p.node.inputs[1].values, np.float64)
+    node = p.node
+    if p.kind == "conv":
+        flat = w.reshape(w.shape[0], -1)
+    elif p.kind == "convtranspose":
+        g = int(node.attrs.get("group", 1))
+        flat = np.moveaxis(w.reshape(g, w.shape[0] // g, w.shape[1], -1), 2, 1).reshape(g * w.shape[1], -1)
+    elif p.kind == "gemm" and node.attrs.get("transB", 0):
+        flat = w
+    else:
+        flat = w.T
+    return np.abs(flat).sum(1) if criterion == "l1" else np.sqrt((flat ** 2).sum(1))
+
+
+def _bn_gamma(graph: Graph, p) -> "np.ndarray | None":
+    out = p.node.outputs[0]
+    users = list(out.outputs)
+    if len(users) == 1 and users[0].op == "BatchNormalization" and isinstance(users[0].inputs[1], gs.Constant):
+        return np.abs(np.asarray(users[0].inputs[1].values, np.float64))
+    if len(users) == 1 and users[0].op == "Mul":  # BN exported as Mul + Add
+        for t in users[0].inputs:
+            if isinstance(t, gs.Constant) and np.asarray(t.values).size == len(p.ids):
+                return np.abs(np.asarray(t.values, np.float64).reshape(-1))
+    return None
+
+
+def _importance(graph: Graph, a: ChannelAnalysis, criterion: str, ctx: PassContext) -> dict[int, dict[int, float]]:
+    per_id = np.zeros(len(a.parent))
+    acts = {}
+    if criterion == "activation":
+        names = [p.node.outputs[0].name for p in a.producers.values()]
+        acts = ctx.activations(graph.source, names)
+    for name, p in a.producers.items():
+        if criterion in ("l1", "l2"):
+            s = _filter_scores(p, criterion)
+        elif criterion == "bn_gamma":
+            s = _bn_gamma(graph, p)
+            if s is None:  # no BN after this producer: its filter norm stands in
+                s = _filter_scores(p, "l1")
+        else:
+            x = acts[p.node.outputs[0].name]
+            axis = a.info[p.node.outputs[0].name].axis
+            s = np.abs(x).mean(axis=tuple(i for i in range(x.ndim) if i != axis))
+        mean = float(np.mean(s)) if np.mean(s) > 0 else 1.0
+        per_id[p.ids] = s / mean  # normalised so coupled producers weigh alike
+    out: dict[int, dict[int, float]] = {}
+    for g in a.groups:
+        out[g.index] = {u: float(per_id[ids].sum()) for u, ids in g.unit_ids.items()}
+    return out
+
+
+def _compensation(graph: Graph, rewriter: Rewriter, ctx: PassContext) -> dict[str, dict]:
+    """Per consumer input tensor: the per-channel mean, the per-position mean map (over the
+    batch only) and which channels are dead (the same at every sample: input-independent)."""
+    targets = rewriter.consumer_inputs()
+    names = sorted({t.name for _, t, _ in targets})
+    if not names:
+        return {}
+    acts = ctx.activations(graph.source, names)
+    out = {}
+    for name in names:
+        x = acts[name].astype(np.float64)
+        axis = rewriter.a.info[name].axis
+        x = np.moveaxis(x, axis, 1)
+        fmap = x.mean(axis=0)  # [C, *spatial]
+        spread = (x.max(axis=0) - x.min(axis=0)).reshape(x.shape[1], -1).max(axis=1)
+        scale = max(float(np.abs(x).max()), 1e-12)
+        out[name] = {"mean": fmap.reshape(fmap.shape[0], -1).mean(axis=1), "map": fmap,
+                     "dead": spread <= 1e-6 * scale}
+    return out

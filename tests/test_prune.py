@@ -1,0 +1,78 @@
+"""`prune` on every reference model: zeroed filters pruned exactly; random ratios stay valid."""
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxslim_cnn
+from onnxslim_cnn.analysis.channels import analyze
+from onnxslim_cnn.graph import Graph
+from onnxslim_cnn.models import reference
+
+REDUCED = {"width": 0.25, "input_size": 64, "num_classes": 10}
+
+
+def zero_units(model: onnx.ModelProto, share: float, seed: int) -> int:
+    """Zero every filter of a random share of the prunable units of each group (in place)."""
+    a = analyze(Graph.from_model(model))
+    rng = np.random.default_rng(seed)
+    inits = {t.name: t for t in model.graph.initializer}
+    owner = {int(i): (name, k) for name, p in a.producers.items() for k, i in enumerate(p.ids.tolist())}
+    zeroed = 0
+    for g in a.groups:
+        units = g.prunable
+        if g.frozen or not units:
+            continue
+        for u in rng.choice(len(units), size=max(1, int(share * len(units))), replace=False):
+            for i in g.unit_ids[units[u]].tolist():
+                name, k = owner[i]
+                p = a.producers[name]
+                t = inits[p.node.inputs[1].name]
+                w = onnx.numpy_helper.to_array(t).copy()
+                if p.kind == "conv" or p.kind == "gemm" and p.node.attrs.get("transB", 0):
+                    w[k] = 0
+                else:
+                    w[:, k] = 0
+                t.CopyFrom(onnx.numpy_helper.from_array(w, t.name))
+                zeroed += 1
+    return zeroed
+
+
+@pytest.mark.parametrize("name", sorted(reference.REFERENCE_MODELS))
+def test_pruning_zeroed_filters_is_exact(name):
+    model = reference.build(name, **REDUCED)
+    assert zero_units(model, 0.25, seed=1) > 0
+    out, report = onnxslim_cnn.compress(model, passes=["prune"], prune__zero_only=True, prune__protect_first=False)
+    assert report.passes[0].status == "ok"
+    assert report.passes[0].stats["channels_removed"] > 0
+    for f in report.fidelity.values():
+        assert f["rel_error"] <= 1e-5, f
+    assert report.output.macs < report.input.macs
+    assert [o.type for o in out.graph.output] == [o.type for o in model.graph.output]
+
+
+@pytest.mark.parametrize("name", sorted(reference.REFERENCE_MODELS))
+@pytest.mark.parametrize("ratio,scope,criterion", [(0.3, "uniform", "l1"), (0.6, "global", "l2"),
+                                                   (0.5, "uniform", "bn_gamma"), (0.4, "uniform", "activation")])
+def test_random_ratios_give_valid_models(name, ratio, scope, criterion):
+    model = reference.build(name, **REDUCED)
+    out, report = onnxslim_cnn.compress(model, passes=["prune"], prune__ratio=ratio, prune__scope=scope,
+                                        prune__criterion=criterion, prune__round_to=2)
+    assert report.passes[0].status == "ok", report.passes[0].status
+    onnx.checker.check_model(out, full_check=True)
+    assert report.output.params < report.input.params and report.output.macs < report.input.macs
+    for f in report.fidelity.values():
+        assert "error" not in f  # output shapes unchanged
+    for change in report.passes[0].changes:
+        after = change["channels_after"]
+        assert after >= 2 and after % 2 == 0
+
+
+def test_report_lists_frozen_groups_and_cli_options(tmp_path):
+    model = reference.build("resnet18", **REDUCED)
+    out, report = onnxslim_cnn.compress(model, passes=["prune"], prune__ratio=0.5)
+    reasons = [s["reason"] for s in report.passes[0].skipped]
+    assert "frozen: feeds graph output logits" in reasons
+    assert "protected layer" in reasons  # the stem conv's residual stream
+    changes = report.passes[0].changes
+    assert all(c["channels_after"] == c["channels_before"] - c["channels_before"] // 2 for c in changes)
