@@ -41,6 +41,9 @@ class PruneOptions:
     compensate: bool = option(True, "replace removed channels by their mean activation in consumers' "
                                     "biases (exact for dead channels); needs calibration data")
     zero_only: bool = option(False, "remove only channels whose filters are entirely zero (exact)")
+    reconstruct: bool = option(False, "refit each consumer's remaining weights and bias by ridge least "
+                                      "squares on calibration activations (training-free recovery)")
+    ridge: float = option(1e-3, "ridge term of the refit, relative to the mean Gram diagonal", min=0.0)
 
 
 @register_pass
@@ -54,7 +57,8 @@ class PrunePass(Pass):
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
-        return self.options.criterion == "activation" or self.options.compensate
+        o = self.options
+        return o.criterion == "activation" or o.compensate or o.reconstruct
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
@@ -89,7 +93,11 @@ class PrunePass(Pass):
         removed = np.concatenate(removed_ids)
         rewriter = Rewriter(graph, analysis, removed)
         compensation = _compensation(graph, rewriter, ctx) if o.compensate else {}
-        rewriter.apply(compensation)
+        refit_inputs = {}
+        if o.reconstruct:
+            names = sorted({t.name for _, t, _ in rewriter.consumer_inputs()})
+            refit_inputs = ctx.activations(graph.source, names) if names else {}
+        rewriter.apply(compensation, refit_inputs, o.ridge)
         for g in candidates:
             n = len(removed_units.get(g.index, []))
             if n:

@@ -54,10 +54,14 @@ class Rewriter:
                     out.append((node, node.inputs[0], m))
         return out
 
-    def apply(self, compensation: "dict[str, np.ndarray] | None" = None) -> None:
-        """Edit every node. ``compensation``: consumer input name -> per-position value that
-        replaces the removed positions (mean or exact constant); None drops them."""
+    def apply(self, compensation: "dict[str, dict] | None" = None,
+              refit_inputs: "dict[str, np.ndarray] | None" = None, ridge: float = 1e-3) -> None:
+        """Edit every node. ``compensation``: consumer input name -> statistics of the removed
+        positions (their mean replaces them); ``refit_inputs``: consumer input name -> its
+        activations, for a least-squares refit of the consumer instead (``reconstruct``)."""
         compensation = compensation or {}
+        self.refit_inputs = refit_inputs or {}
+        self.ridge = ridge
         for node in list(self.graph.nodes):
             op = node.op
             if op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and _const(node.inputs[1]) is not None:
@@ -100,6 +104,10 @@ class Rewriter:
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 self._slice_input(node, 2, m, 0)
             return
+        if in_mask is not None and node.inputs[0].name in getattr(self, "refit_inputs", {}) \
+                and op in ("Conv", "Gemm", "MatMul") and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET"):
+            self._refit(node, w, in_mask, out_mask, trans_b)
+            return
         out_axis = {"Conv": 0, "ConvTranspose": 1, "Gemm": 0 if trans_b else 1, "MatMul": 1}[op]
         in_axis = {"Conv": 1, "ConvTranspose": 0, "Gemm": 1 if trans_b else 0, "MatMul": 0}[op]
         bias_add = None
@@ -120,6 +128,31 @@ class Rewriter:
             node.inputs[2] = self.graph.add_constant(f"{node.inputs[2].name}.pruned", np.ascontiguousarray(b))
         if bias_add is not None:
             self._add_bias(node, bias_add, out_mask)
+
+    def _refit(self, node, w, in_mask, out_mask, trans_b) -> None:
+        from .prune_recover import refit
+
+        op = node.op
+        bias = _const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        if op == "Gemm":
+            w_eff = (w.T if trans_b else w).astype(np.float64) * float(node.attrs.get("alpha", 1.0))
+            bias = None if bias is None else bias.astype(np.float64) * float(node.attrs.get("beta", 1.0))
+        else:
+            w_eff = w
+        new_w, new_b = refit(op, dict(node.attrs), w_eff, bias, self.refit_inputs[node.inputs[0].name],
+                             in_mask, out_mask, self.ridge)
+        if op == "Gemm":
+            new_w = new_w.T if trans_b else new_w
+            node.attrs["alpha"], node.attrs["beta"] = 1.0, 1.0
+        node.inputs[1] = self.graph.add_constant(f"{node.inputs[1].name}.refit", np.ascontiguousarray(new_w.astype(w.dtype)))
+        if op == "MatMul":
+            self._add_bias(node, new_b.astype(np.float64), None)
+            return
+        b_const = self.graph.add_constant(f"{_label(node)}.bias_refit", new_b.astype(w.dtype))
+        if bias is not None:
+            node.inputs[2] = b_const
+        else:
+            node.inputs.append(b_const)
 
     def _compensation(self, node, w, in_mask, comp, in_axis):
         """What the removed inputs contributed, as a bias vector or (dead channels through a

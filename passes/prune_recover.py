@@ -1,0 +1,76 @@
+"""Training-free recovery for ``prune``: refit consumers by least squares (He et al. 2017, ThiNet).
+
+After channels are removed, each consumer (Conv with groups=1, Gemm, MatMul) still has to produce
+its original outputs from fewer inputs. With its input activations X (calibration data, original
+model) and its original pre-activation output Y = X W + b, the remaining weights and the bias are
+refitted by ridge least squares: min ||X_kept W' + b' - Y||^2 + ridge * ||W'||^2. Convs go through
+an explicit im2col on a deterministic subsample of output positions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MAX_ROWS = 20000  # sampled output positions per conv: enough for a few thousand unknowns
+
+
+def im2col(x: np.ndarray, kernel: tuple[int, int], pads: list[int], strides: list[int],
+           dilations: list[int]) -> np.ndarray:
+    """[N, C, H, W] -> [N, Ho, Wo, C * kh * kw] (channel-major, like the ONNX weight layout)."""
+    kh, kw = kernel
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    n, c, h, w = xp.shape
+    eh, ew = (kh - 1) * dilations[0] + 1, (kw - 1) * dilations[1] + 1
+    ho, wo = (h - eh) // strides[0] + 1, (w - ew) // strides[1] + 1
+    cols = np.empty((n, ho, wo, c, kh, kw), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            r0, c0 = i * dilations[0], j * dilations[1]
+            cols[..., i, j] = xp[:, :, r0:r0 + strides[0] * ho:strides[0], c0:c0 + strides[1] * wo:strides[1]].transpose(0, 2, 3, 1)
+    return cols.reshape(n, ho, wo, c * kh * kw)
+
+
+def design_matrix(op: str, attrs: dict, w: np.ndarray, x: np.ndarray, seed: int) -> np.ndarray:
+    """Rows = samples (or sampled output positions), columns = the layer's input features."""
+    if op != "Conv":
+        return x.reshape(-1, x.shape[-1]).astype(np.float64)
+    k = w.shape[2:]
+    nd = len(k)
+    pads = list(attrs.get("pads", [0] * (2 * nd)))
+    cols = im2col(x.astype(np.float64), k, pads, list(attrs.get("strides", [1] * nd)),
+                  list(attrs.get("dilations", [1] * nd)))
+    rows = cols.reshape(-1, cols.shape[-1])
+    if len(rows) > MAX_ROWS:
+        rows = rows[np.random.default_rng(seed).choice(len(rows), MAX_ROWS, replace=False)]
+    return rows
+
+
+def refit(op: str, attrs: dict, w: np.ndarray, bias: "np.ndarray | None", x: np.ndarray,
+          in_mask: np.ndarray, out_mask: "np.ndarray | None", ridge: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """New (weight, bias) for a consumer that keeps only ``in_mask`` inputs (and ``out_mask`` outputs).
+
+    ``w`` is in ONNX layout: Conv [O, C, kh, kw]; Gemm/MatMul given as [K, O] (y = x @ w).
+    Returns the weight in the same layout with the kept inputs/outputs, and a 1-D bias [O_kept].
+    """
+    A = design_matrix(op, attrs, w, x, seed)
+    if op == "Conv":
+        o, c = w.shape[:2]
+        wf = w.reshape(o, -1).T.astype(np.float64)  # [C*k, O]
+        col_keep = np.repeat(in_mask, int(np.prod(w.shape[2:])))
+    else:
+        wf = w.astype(np.float64)
+        col_keep = in_mask
+    b = np.zeros(wf.shape[1]) if bias is None else np.broadcast_to(bias.astype(np.float64).reshape(-1), (wf.shape[1],))
+    if out_mask is not None:
+        wf, b = wf[:, out_mask], b[out_mask]
+    target = A @ wf + b
+    Ak = np.concatenate([A[:, col_keep], np.ones((len(A), 1))], axis=1)
+    gram = Ak.T @ Ak
+    reg = ridge * float(np.mean(np.diag(gram))) * np.eye(len(gram))
+    reg[-1, -1] = 0.0  # the bias is not shrunk
+    sol = np.linalg.solve(gram + reg, Ak.T @ target)
+    new_w, new_b = sol[:-1], sol[-1]
+    if op == "Conv":
+        kept_c = int(in_mask.sum())
+        new_w = new_w.T.reshape(new_w.shape[1], kept_c, *w.shape[2:])
+    return new_w.astype(w.dtype), new_b.astype(w.dtype)
