@@ -44,6 +44,8 @@ class PruneOptions:
     reconstruct: bool = option(False, "refit each consumer's remaining weights and bias by ridge least "
                                       "squares on calibration activations (training-free recovery)")
     ridge: float = option(1e-3, "ridge term of the refit, relative to the mean Gram diagonal", min=0.0)
+    sequential: bool = option(True, "with reconstruct: refit layer by layer on the pruned network's own "
+                                    "activations, so each refit also absorbs the error upstream")
 
 
 @register_pass
@@ -98,6 +100,8 @@ class PrunePass(Pass):
             names = sorted({t.name for _, t, _ in rewriter.consumer_inputs()})
             refit_inputs = ctx.activations(graph.source, names) if names else {}
         rewriter.apply(compensation, refit_inputs, o.ridge)
+        if o.reconstruct and o.sequential:
+            _sequential_refit(graph, rewriter, ctx, o.ridge)
         for g in candidates:
             n = len(removed_units.get(g.index, []))
             if n:
@@ -221,3 +225,32 @@ def _compensation(graph: Graph, rewriter: Rewriter, ctx: PassContext) -> dict[st
         out[name] = {"mean": fmap.reshape(fmap.shape[0], -1).mean(axis=1), "map": fmap,
                      "dead": spread <= 1e-6 * scale}
     return out
+
+
+def _sequential_refit(graph: Graph, rewriter: Rewriter, ctx: PassContext, ridge: float) -> None:
+    """Refit each consumer, in topological order, from its input in the pruned network."""
+    from onnxslim_cnn.analysis.activations import capture
+
+    from .prune_recover import fit_to_target
+
+    graph.toposort()
+    consumers = [n for n in graph.nodes if getattr(n, "_refit_target", None)]
+    targets = ctx.activations(graph.source, sorted({n._refit_target for n in consumers}))
+    for node in consumers:
+        model = graph.to_model()
+        x = capture(model, [node.inputs[0].name], ctx.calibration)[node.inputs[0].name]
+        y = targets[node._refit_target]
+        w_old = np.asarray(node.inputs[1].values)
+        trans_b = node.op == "Gemm" and node.attrs.get("transB", 0)
+        shape = w_old.T.shape if trans_b else w_old.shape
+        if node._refit_out_mask is not None:
+            y = np.compress(node._refit_out_mask, y, axis=1 if node.op == "Conv" else y.ndim - 1)
+        w, b = fit_to_target(node.op, dict(node.attrs), shape, x, y, ridge)
+        w = (w.T if trans_b else w).astype(w_old.dtype)
+        node.inputs[1] = graph.add_constant(f"{node.inputs[1].name}.seq", np.ascontiguousarray(w))
+        bias_index = 2 if node.op != "MatMul" else None
+        if bias_index is not None:
+            node.inputs[2] = graph.add_constant(f"{node.inputs[2].name}.seq", b.astype(w_old.dtype))
+        else:  # MatMul: its bias lives in the Add that the first refit placed after it
+            add = node.outputs[0].outputs[0]
+            add.inputs[1] = graph.add_constant(f"{add.inputs[1].name}.seq", b.astype(w_old.dtype))

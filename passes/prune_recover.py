@@ -74,3 +74,34 @@ def refit(op: str, attrs: dict, w: np.ndarray, bias: "np.ndarray | None", x: np.
         kept_c = int(in_mask.sum())
         new_w = new_w.T.reshape(new_w.shape[1], kept_c, *w.shape[2:])
     return new_w.astype(w.dtype), new_b.astype(w.dtype)
+
+
+def fit_to_target(op: str, attrs: dict, w_shape: tuple, x: np.ndarray, y: np.ndarray, ridge: float,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Weights and bias that map the (pruned) input ``x`` to the original output ``y``.
+
+    Sequential recovery: ``x`` comes from the already-pruned upstream network, so the refit also
+    absorbs the error of the layers before it. ``w_shape`` is the weight's ONNX shape (Conv
+    [O, C, kh, kw]) or [K, O] for Gemm/MatMul; the result has that shape, and a bias [O].
+    """
+    if op == "Conv":
+        nd = len(w_shape) - 2
+        cols = im2col(x.astype(np.float64), tuple(w_shape[2:]), list(attrs.get("pads", [0] * (2 * nd))),
+                      list(attrs.get("strides", [1] * nd)), list(attrs.get("dilations", [1] * nd)))
+        A = cols.reshape(-1, cols.shape[-1])
+        Y = np.moveaxis(y.astype(np.float64), 1, -1).reshape(-1, y.shape[1])
+        if len(A) > MAX_ROWS:
+            pick = np.random.default_rng(seed).choice(len(A), MAX_ROWS, replace=False)
+            A, Y = A[pick], Y[pick]
+    else:
+        A = x.reshape(-1, x.shape[-1]).astype(np.float64)
+        Y = y.reshape(-1, y.shape[-1]).astype(np.float64)
+    A1 = np.concatenate([A, np.ones((len(A), 1))], axis=1)
+    gram = A1.T @ A1
+    reg = ridge * float(np.mean(np.diag(gram))) * np.eye(len(gram))
+    reg[-1, -1] = 0.0
+    sol = np.linalg.solve(gram + reg, A1.T @ Y)
+    w, b = sol[:-1], sol[-1]
+    if op == "Conv":
+        w = w.T.reshape(w_shape)
+    return w, b

@@ -133,6 +133,8 @@ class Rewriter:
         from .prune_recover import refit
 
         op = node.op
+        node._refit_target = node.outputs[0].name  # original output, for the sequential refit
+        node._refit_out_mask = out_mask
         bias = _const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
         if op == "Gemm":
             w_eff = (w.T if trans_b else w).astype(np.float64) * float(node.attrs.get("alpha", 1.0))
