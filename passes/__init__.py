@@ -1,5 +1,6 @@
 """Built-in passes (installed as ``onnxslim_cnn.passes``); importing this registers them."""
 
+from .lowrank import LowrankPass  # noqa: F401
 from .prune import PrunePass
 from .slim import SlimPass
 
