@@ -32,7 +32,7 @@ from onnxslim_cnn.analysis.calibration import random_inputs
 from onnxslim_cnn.analysis.fidelity import latency
 from onnxslim_cnn.models import corpus, digits, reference
 
-CRITERIA = ("l1", "l2", "bn_gamma", "activation")
+CRITERIA = ("l1", "l2", "bn_gamma", "activation", "reconstruction")
 
 
 def machine() -> dict:

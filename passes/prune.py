@@ -30,9 +30,10 @@ from .prune_rewrite import Rewriter
 class PruneOptions:
     ratio: float = option(0.5, "share of channels to remove in each group (uniform) or overall (global)",
                           min=0.0, max=0.95)
-    criterion: Literal["l1", "l2", "bn_gamma", "activation"] = option(
+    criterion: Literal["l1", "l2", "bn_gamma", "activation", "reconstruction"] = option(
         "l1", "importance: filter L1/L2 norm, |gamma| of the following BN (network slimming), "
-        "or mean |activation| on calibration data")
+        "mean |activation| on calibration data, or the consumers' output error after removing the "
+        "channel and refitting by least squares (reconstruction; pairs with reconstruct=true)")
     scope: Literal["uniform", "global"] = option("uniform", "same ratio per group, or one ranking across groups")
     layer_ratio: dict[str, float] = option({}, "per-layer ratio overrides by producer node name (name:ratio,...)")
     protect: list[str] = option([], "producer node names never pruned (in addition to the defaults)")
@@ -60,7 +61,7 @@ class PrunePass(Pass):
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
         o = self.options
-        return o.criterion == "activation" or o.compensate or o.reconstruct
+        return o.criterion in ("activation", "reconstruction") or o.compensate or o.reconstruct
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
@@ -188,6 +189,8 @@ def _importance(graph: Graph, a: ChannelAnalysis, criterion: str, ctx: PassConte
         names = [p.node.outputs[0].name for p in a.producers.values()]
         acts = ctx.activations(graph.source, names)
     for name, p in a.producers.items():
+        if criterion == "reconstruction":
+            break  # scored per consumer below
         if criterion in ("l1", "l2"):
             s = _filter_scores(p, criterion)
         elif criterion == "bn_gamma":
@@ -200,10 +203,39 @@ def _importance(graph: Graph, a: ChannelAnalysis, criterion: str, ctx: PassConte
             s = np.abs(x).mean(axis=tuple(i for i in range(x.ndim) if i != axis))
         mean = float(np.mean(s)) if np.mean(s) > 0 else 1.0
         per_id[p.ids] = s / mean  # normalised so coupled producers weigh alike
+    if criterion == "reconstruction":
+        per_id = _reconstruction_scores(graph, a, ctx)
     out: dict[int, dict[int, float]] = {}
     for g in a.groups:
         out[g.index] = {u: float(per_id[ids].sum()) for u, ids in g.unit_ids.items()}
     return out
+
+
+def _reconstruction_scores(graph: Graph, a: ChannelAnalysis, ctx: PassContext) -> np.ndarray:
+    """Per id: summed over the layers that consume it, the output error left after removing it
+    and refitting (``prune_recover.removal_errors``). Ids no layer consumes score by weight norm."""
+    from .prune_recover import removal_errors
+
+    per_id = np.full(len(a.parent), np.nan)
+    consumers = [n for n in graph.nodes if n.op in ("Conv", "Gemm", "MatMul") and int(n.attrs.get("group", 1)) == 1
+                 and isinstance(n.inputs[1], gs.Constant) and n.inputs[0].name in a.info
+                 and not (n.op == "Gemm" and n.attrs.get("transA", 0))]
+    acts = ctx.activations(graph.source, sorted({n.inputs[0].name for n in consumers}))
+    for n in consumers:
+        w = np.asarray(n.inputs[1].values)
+        if n.op == "Gemm" and n.attrs.get("transB", 0):
+            w = w.T
+        ci = a.info[n.inputs[0].name]
+        x = acts[n.inputs[0].name]
+        if n.op != "Conv":
+            x = np.moveaxis(x, ci.axis, -1)
+        for i, err in removal_errors(n.op, dict(n.attrs), w, x, ci.ids).items():
+            per_id[i] = err if np.isnan(per_id[i]) else per_id[i] + err
+    fallback = np.zeros(len(a.parent))
+    for p in a.producers.values():
+        s = _filter_scores(p, "l2")
+        fallback[p.ids] = s / (s.mean() or 1.0) * 1e3  # unconsumed ids: keep unless nothing else goes
+    return np.where(np.isnan(per_id), fallback, per_id)
 
 
 def _compensation(graph: Graph, rewriter: Rewriter, ctx: PassContext) -> dict[str, dict]:

@@ -105,3 +105,34 @@ def fit_to_target(op: str, attrs: dict, w_shape: tuple, x: np.ndarray, y: np.nda
     if op == "Conv":
         w = w.T.reshape(w_shape)
     return w, b
+
+
+def removal_errors(op: str, attrs: dict, w: np.ndarray, x: np.ndarray, ids: np.ndarray,
+                   ridge: float = 1e-3, seed: int = 0) -> dict[int, float]:
+    """Per channel id: the output error left after removing that channel and refitting the rest.
+
+    With A the layer's input features (im2col for convs), G = A^T A and W the weights, removing
+    the block B of features of one channel and refitting the others by least squares raises the
+    squared error by tr(W_B^T (G^-1_BB)^-1 W_B) (the block form of the Optimal Brain Surgeon
+    saliency). Normalised by the output energy tr(W^T G W), so layers compare. ``w`` is [F, O]
+    for Gemm/MatMul or the ONNX conv weight; ``ids`` has one id per input channel position.
+    """
+    A = design_matrix(op, attrs, w, x, seed)
+    if op == "Conv":
+        kk = int(np.prod(w.shape[2:]))
+        wf = w.reshape(w.shape[0], -1).T.astype(np.float64)
+        col_ids = np.repeat(ids, kk)
+    else:
+        wf = w.astype(np.float64)
+        col_ids = ids
+    A1 = np.concatenate([A, np.ones((len(A), 1))], axis=1)
+    G = A1.T @ A1 / len(A1)
+    G += ridge * float(np.mean(np.diag(G))) * np.eye(len(G))
+    Ginv = np.linalg.inv(G)[:-1, :-1]  # the bias column stays in the model
+    energy = float(np.trace(wf.T @ G[:-1, :-1] @ wf)) or 1.0
+    out: dict[int, float] = {}
+    for i in np.unique(col_ids).tolist():
+        B = np.flatnonzero(col_ids == i)
+        WB = wf[B]
+        out[int(i)] = float(np.trace(WB.T @ np.linalg.solve(Ginv[np.ix_(B, B)], WB))) / energy
+    return out

@@ -90,3 +90,22 @@ def test_reconstruct_recovers_digits_accuracy():
     # measured: 0.9978 unpruned, 0.2556 pruned by L1 without recovery, 0.9911 with the refit
     assert acc_plain < 0.5
     assert acc_refit >= base - 0.02
+
+
+def test_reconstruction_criterion_is_exact_obs_saliency():
+    """Removing one input of a linear layer and refitting the rest raises the error by the OBS term."""
+    from onnxslim_cnn.passes.prune_recover import removal_errors
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 5)) @ rng.standard_normal((5, 5))
+    w = rng.standard_normal((5, 3))
+    errs = removal_errors("Gemm", {}, w, x, np.arange(5), ridge=0.0)
+    y = x @ w
+    for j in range(5):
+        keep = np.delete(np.arange(5), j)
+        a = np.concatenate([x[:, keep], np.ones((400, 1))], axis=1)
+        sol, *_ = np.linalg.lstsq(a, y, rcond=None)
+        direct = np.sum((a @ sol - y) ** 2) / 400
+        a1 = np.concatenate([x, np.ones((400, 1))], axis=1)
+        energy = np.trace(w.T @ (a1.T @ a1 / 400)[:-1, :-1] @ w)
+        assert abs(errs[j] - direct / energy) < 1e-9
