@@ -94,6 +94,17 @@ class Rewriter:
         out_mask = self.mask(node.outputs[0])
         in_mask = self.mask(node.inputs[0])
         trans_b = op == "Gemm" and node.attrs.get("transB", 0)
+        if op == "Conv" and group > 1 and w.shape[1] > 1:
+            # grouped: the analysis coupled position k of every group, so every group keeps the
+            # same inputs; slice outputs, and inputs by the first group's mask
+            if out_mask is not None:
+                w = w[out_mask]
+            if in_mask is not None:
+                w = w[:, in_mask.reshape(group, -1)[0]]
+            node.inputs[1] = self.graph.add_constant(f"{node.inputs[1].name}.pruned", np.ascontiguousarray(w))
+            if out_mask is not None and len(node.inputs) > 2 and node.inputs[2] is not None:
+                self._slice_input(node, 2, out_mask, 0)
+            return
         if op == "Conv" and group > 1:  # depthwise: in = out, one filter per channel
             m = in_mask if in_mask is not None else out_mask
             if m is None:

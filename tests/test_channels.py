@@ -69,10 +69,17 @@ def test_unknown_op_and_channel_softmax_freeze_with_the_op_named():
     assert groups_by_producers(a)[("c1",)].frozen == "not understood (TopK s)"
 
 
-def test_grouped_conv_and_fixed_weight_conv_freeze():
-    parts = [conv("c1", "x", "a", 4, 8), conv("g2", "a", "b", 8, 8, group=2), conv("c3", "b", "y", 8, 6)]
+def test_grouped_conv_couples_positions_across_groups():
+    parts = [conv("c1", "x", "a", 4, 8), conv("g2", "a", "b", 8, 12, group=2), conv("c3", "b", "y", 12, 6)]
     a = analyze(Graph.from_model(build(parts, ["N", 4, 8, 8], "y", ["N", 6, 8, 8])))
-    assert "grouped conv (group=2)" in groups_by_producers(a)[("c1",)].frozen
+    g = groups_by_producers(a)
+    assert g[("c1",)].channels == 4  # 8 channels in 4 units: channel k and k+4 go together
+    assert sorted(len(v) for v in g[("c1",)].unit_ids.values()) == [2, 2, 2, 2]
+    assert len(g[("g2",)].units) == 6
+    assert list(a.root(a.producers["c1"].ids[:4])) == list(a.root(a.producers["c1"].ids[4:]))
+
+
+def test_fixed_weight_conv_freezes():
     dfl = init("dfl.w", np.arange(16, dtype=np.float32).reshape(1, 16, 1, 1))
     parts = [conv("c1", "x", "a", 4, 16), (h.make_node("Softmax", ["a"], ["sm"], axis=2), None),
              (h.make_node("Conv", ["sm", "dfl.w"], ["y"], name="dfl"), dfl)]

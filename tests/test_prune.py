@@ -109,3 +109,27 @@ def test_reconstruction_criterion_is_exact_obs_saliency():
         a1 = np.concatenate([x, np.ones((400, 1))], axis=1)
         energy = np.trace(w.T @ (a1.T @ a1 / 400)[:-1, :-1] @ w)
         assert abs(errs[j] - direct / energy) < 1e-9
+
+
+def test_grouped_conv_pruned_exactly_and_validly():
+    from onnx import helper as h
+
+    from graphs import init, make_model, vi
+
+    rng = np.random.default_rng(2)
+    w1 = rng.normal(size=(8, 4, 3, 3))
+    w1[[1, 5]] = 0  # position 1 of both groups of g2's input: a prunable unit, dead
+    nodes = [h.make_node("Conv", ["x", "w1"], ["a"], name="c1", pads=[1] * 4),
+             h.make_node("Relu", ["a"], ["r"]),
+             h.make_node("Conv", ["r", "wg", "bg"], ["b"], name="g2", group=2, pads=[1] * 4),
+             h.make_node("Relu", ["b"], ["rb"]), h.make_node("Conv", ["rb", "w3"], ["y"], name="c3")]
+    m = make_model(nodes, [vi("x", ["N", 4, 8, 8])], [vi("y", ["N", 6, 8, 8])],
+                   [init("w1", w1), init("wg", rng.normal(size=(12, 4, 3, 3))), init("bg", rng.normal(size=12)),
+                    init("w3", rng.normal(size=(6, 12, 1, 1)))])
+    out, rep = onnxslim_cnn.compress(m, passes=["prune"], prune__zero_only=True, prune__protect_first=False)
+    assert rep.passes[0].stats["channels_removed"] == 1  # one unit = 2 channels
+    assert list(onnx.numpy_helper.to_array([t for t in out.graph.initializer if t.name.startswith("wg")][0]).shape) == [12, 3, 3, 3]
+    assert rep.fidelity["y"]["rel_error"] < 1e-5
+    out, rep = onnxslim_cnn.compress(m, passes=["prune"], prune__ratio=0.5, prune__protect_first=False)
+    assert rep.passes[0].status == "ok"
+    onnx.checker.check_model(out, full_check=True)

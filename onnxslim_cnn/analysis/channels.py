@@ -219,7 +219,23 @@ def _propagate(graph, node, op, ins, out, uf, info, producers) -> bool:  # noqa:
                 return True
             info[out.name] = ChannelInfo(1, x.ids)
             return True
-        raise _Freeze(f"grouped conv (group={group}) is not supported")
+        if op == "Conv" and c_in % group == 0 and c_out % group == 0:
+            # grouped conv: every group must keep as many inputs and outputs as the others, so
+            # position k of each group is coupled across groups (Torch-Pruning does the same)
+            if x is not None:
+                if x.axis != 1:
+                    raise _Freeze("channel axis is not 1")
+                per_group = x.ids.reshape(group, c_in // group)
+                for r in range(1, group):
+                    uf.union(per_group[0], per_group[r])
+            ids = uf.new(c_out)
+            per_group = ids.reshape(group, c_out // group)
+            for r in range(1, group):
+                uf.union(per_group[0], per_group[r])
+            producers[_label(node)] = Producer(node, "conv", ids)
+            info[out.name] = ChannelInfo(1, ids)
+            return True
+        raise _Freeze(f"grouped {op} (group={group}) is not supported")
     if op in ("Gemm", "MatMul"):
         w = _const(node.inputs[1])
         if w is None or w.ndim != 2 or (op == "Gemm" and node.attrs.get("transA", 0)):
