@@ -114,6 +114,11 @@ def _table_lines(r: Report, max_items: int) -> list[str]:
     for p in r.passes:
         stats = ", ".join(f"{k}={v}" for k, v in p.stats.items()) or "no change"
         lines.append(f"  {p.name:<10} {p.seconds:6.2f}s  {p.status:<4}  nodes->{p.nodes_after}  {stats}")
+        sized = [c for c in p.changes if "channels_before" in c]
+        for c in sized[:max_items]:
+            lines.append(f"      {c['item']}: {c['channels_before']} -> {c['channels_after']} channels")
+        if len(sized) > max_items:
+            lines.append(f"      ... {len(sized) - max_items} more layers (see --report)")
         for s in p.skipped[:max_items]:
             lines.append(f"      skipped {s['item']}: {s['reason']}")
         if len(p.skipped) > max_items:
