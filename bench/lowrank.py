@@ -45,17 +45,23 @@ def machine() -> dict:
             "onnxruntime": ort.__version__, "onnxslim_cnn": onnxslim_cnn.__version__, "ort_threads": 1}
 
 
-def median_ms(model: onnx.ModelProto, feeds: dict, repeats: int, warmup: int = 3) -> float:
-    """Median wall time of one ORT run, CPU EP, 1 thread, all graph optimisations on."""
-    sess = make_session(model, threads=1)
-    for _ in range(warmup):
-        sess.run(None, feeds)
-    times = []
+def median_ms(models: list, feeds: dict, repeats: int, warmup: int = 3) -> list:
+    """Median wall time (ms) of one ORT run per model, CPU EP, 1 thread, graph optimisations on.
+
+    The models run in turn within each repeat, so a load change on a shared machine hits them
+    alike and the ratios stay meaningful even when the absolute times drift.
+    """
+    sessions = [make_session(m, threads=1) for m in models]
+    for sess in sessions:
+        for _ in range(warmup):
+            sess.run(None, feeds)
+    times = [[] for _ in sessions]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(time.perf_counter() - t0)
-    return round(float(np.median(times)) * 1e3, 3)
+        for sess, t in zip(sessions, times):
+            t0 = time.perf_counter()
+            sess.run(None, feeds)
+            t.append(time.perf_counter() - t0)
+    return [round(float(np.median(t)) * 1e3, 3) for t in times]
 
 
 def _fid(fid: dict) -> dict:
@@ -99,9 +105,9 @@ def layer_timings(before: onnx.ModelProto, after: onnx.ModelProto, changes: list
         for b in batches:
             shape = (b, c["C"], H, W)
             x = {orig.input[0]: np.random.default_rng(0).normal(size=shape).astype(np.float32)}
-            t0 = median_ms(_single_conv(orig, init_b, shape), x, repeats)
             names = {i for n in new for i in n.input}
-            t1 = median_ms(_model(new, names, init_a, orig.input[0], shape, new[-1].output[0]), x, repeats)
+            t0, t1 = median_ms([_single_conv(orig, init_b, shape),
+                                _model(new, names, init_a, orig.input[0], shape, new[-1].output[0])], x, repeats)
             row[f"batch{b}"] = {"original_ms": t0, "split_ms": t1, "time_ratio": round(t0 / t1, 3),
                                 "split_slower": t1 > t0}
         rows.append(row)
@@ -129,15 +135,15 @@ def bench_resnet18(repeats: int, reduced: bool = False) -> dict:
     x = held_out.inputs["input"]
     feeds = {b: {"input": np.ascontiguousarray(x[:1].repeat(b, 0) if b > len(x) else x[:b])} for b in (1, 8)}
     out = {"model": "resnet18", "input": list(x.shape[1:]), "calibration": calib.source,
-           "fidelity_inputs": "random(seed=1, samples=8), not the calibration samples",
-           "latency_ms_slim": {f"batch{b}": median_ms(slim, f, repeats) for b, f in feeds.items()},
-           "variants": {}}
+           "fidelity_inputs": "random(seed=1, samples=8), not the calibration samples", "variants": {}}
+    models = {"slim": slim}
     for label, opts in (("speedup2", {"speedup": 2}), ("speedup2_data_aware", {"speedup": 2, "data_aware": True})):
         t0 = time.perf_counter()
         new, rep = onnxslim_cnn.compress(slim, passes=["lowrank"], calib=calib, options={"lowrank": opts},
                                          fidelity=False)
         seconds = time.perf_counter() - t0
         rec = rep.passes[0]
+        models[label] = new
         entry = {"options": opts, "pass_seconds": round(rec.seconds, 2), "pipeline_seconds": round(seconds, 2),
                  "layers_split": rec.stats.get("split_jaderberg", 0),
                  "skipped": [f'{s["item"]}: {s["reason"]}' for s in rec.skipped],
@@ -145,9 +151,6 @@ def bench_resnet18(repeats: int, reduced: bool = False) -> dict:
                  "macs_ratio": round(rep.input.macs / rep.output.macs, 3),
                  "params_before": rep.input.params, "params_after": rep.output.params,
                  "fidelity_vs_original": _fid(fidelity(model, new, held_out))}
-        lat = {f"batch{b}": median_ms(new, f, repeats) for b, f in feeds.items()}
-        entry["latency_ms"] = lat
-        entry["latency_ratio_slim_over_lowrank"] = {k: round(out["latency_ms_slim"][k] / v, 3) for k, v in lat.items()}
         entry["per_layer_error"] = {c["item"]: {k: c.get(k) for k in ("D", "kept_energy", "output_error",
                                                                      "output_error_plain") if k in c}
                                     for c in rec.changes}
@@ -157,6 +160,14 @@ def bench_resnet18(repeats: int, reduced: bool = False) -> dict:
             entry["layers_slower_despite_fewer_macs"] = {
                 f"batch{b}": [r["layer"] for r in entry["layers"] if r[f"batch{b}"]["split_slower"]] for b in (1, 8)}
         out["variants"][label] = entry
+    # whole models timed in turn (slim, plain split, data-aware split) per batch size
+    out["latency_ms"] = {}
+    for b, f in feeds.items():
+        ms = median_ms(list(models.values()), f, repeats)
+        out["latency_ms"][f"batch{b}"] = dict(zip(models, ms))
+        for label in out["variants"]:
+            out["variants"][label].setdefault("latency_ratio_slim_over_lowrank", {})[f"batch{b}"] = \
+                round(ms[0] / ms[list(models).index(label)], 3)
     return out
 
 
@@ -193,7 +204,7 @@ SECTIONS = {"resnet18": bench_resnet18, "digits": bench_digits}
 def main(argv: "list[str] | None" = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
-    ap.add_argument("--repeats", type=int, default=10, help="latency repeats per measurement (>= 10)")
+    ap.add_argument("--repeats", type=int, default=15, help="latency repeats per measurement (>= 10)")
     ap.add_argument("--reduced", action="store_true", help="ResNet-18 at width 0.25, 64x64 (quick check)")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
