@@ -137,7 +137,9 @@ def bench_resnet18(repeats: int, reduced: bool = False) -> dict:
     out = {"model": "resnet18", "input": list(x.shape[1:]), "calibration": calib.source,
            "fidelity_inputs": "random(seed=1, samples=8), not the calibration samples", "variants": {}}
     models = {"slim": slim}
-    for label, opts in (("speedup2", {"speedup": 2}), ("speedup2_data_aware", {"speedup": 2, "data_aware": True})):
+    # floor rounding: every layer reaches at least 2x (the default, nearest, is the seed's rounding)
+    s2 = {"speedup": 2, "speedup_rounding": "floor"}
+    for label, opts in (("speedup2", s2), ("speedup2_data_aware", {**s2, "data_aware": True})):
         t0 = time.perf_counter()
         new, rep = onnxslim_cnn.compress(slim, passes=["lowrank"], calib=calib, options={"lowrank": opts},
                                          fidelity=False)
@@ -181,10 +183,11 @@ def bench_digits(repeats: int, reduced: bool = False) -> dict:
            "top1_original": digits.evaluate_top1(model), "runs": []}
     variants = (("plain", {}), ("data_aware", {"data_aware": True, "sequential": False}),
                 ("data_aware_sequential", {"data_aware": True, "sequential": True}))
-    runs = [(sel, label, extra) for sel in ({"energy": 0.9}, {"energy": 0.95}, {"speedup": 2})
+    s2 = {"speedup": 2, "speedup_rounding": "floor"}
+    runs = [(sel, label, extra) for sel in ({"energy": 0.9}, {"energy": 0.95}, s2)
             for label, extra in variants]
     # Tucker-2 for comparison at the same targets (plain and the recommended data-aware mode)
-    runs += [({**sel, "method": "tucker2"}, label, extra) for sel in ({"energy": 0.9}, {"speedup": 2})
+    runs += [({**sel, "method": "tucker2"}, label, extra) for sel in ({"energy": 0.9}, s2)
              for label, extra in (variants[0], variants[2])]
     for sel, label, extra in runs:
         new, rep = onnxslim_cnn.compress(model, passes=["slim", "lowrank"], calib=calib,

@@ -42,7 +42,8 @@ class LowrankOptions:
     speedup: "float | None" = option(None, "compute ratio r = T/(T1+T2) to reach per layer; layers are then "
                                            "split when compute falls, even if storage grows", min=1.0)
     speedup_rounding: Literal["floor", "nearest"] = option(
-        "floor", "integer D from the real one: floor reaches at least r; nearest is the seed's rounding")
+        "nearest", "integer D from the real one: nearest is the seed's rounding (3.79 -> 4, r = 1.89 "
+                   "for r = 2 asked); floor always reaches at least r")
     min_energy: float = option(0.0, "leave a layer alone when the rank keeps less than this energy",
                                min=0.0, max=1.0)
     allow_growth: bool = option(False, "split even when neither storage nor compute falls (full-rank checks)")
