@@ -3,5 +3,6 @@
 from .lowrank import LowrankPass  # noqa: F401
 from .prune import PrunePass
 from .slim import SlimPass
+from .svd import SvdPass  # noqa: F401
 
 __all__ = ["PrunePass", "SlimPass"]
