@@ -11,7 +11,8 @@ Sections (``--sections``, comma-separated; default all):
 * ``digits``: the trained ``digits_resnet`` fixture: test top-1 after ``lowrank`` at energy
   0.9 / 0.95 and speedup 2, plain vs data-aware (calibrated on training images, never test).
 
-Further sections (the ``svd`` figures for VGG-16/AlexNet) are added as functions in ``SECTIONS``.
+* ``svd``: VGG-16 and AlexNet (full size, after ``slim``), ``svd`` on the FC layers at energy 0.9
+  and at rank 256: params, fidelity on held-out random inputs, latency at batch 1 and 8, pass time.
 
     python bench/lowrank.py                       # all sections
     python bench/lowrank.py --sections digits --out /tmp/lowrank.json
@@ -201,7 +202,39 @@ def bench_digits(repeats: int, reduced: bool = False) -> dict:
     return out
 
 
-SECTIONS = {"resnet18": bench_resnet18, "digits": bench_digits}
+def bench_svd(repeats: int, reduced: bool = False) -> dict:
+    """VGG-16 and AlexNet: `svd` on the FC layers at energy 0.9 and at rank 256."""
+    out = {}
+    size = {"width": 0.25, "input_size": 64} if reduced else {}
+    for name in ("vgg16", "alexnet"):
+        model = reference.build(name, **size)
+        calib = calibration.random_inputs(model, samples=8, seed=0)
+        held_out = calibration.random_inputs(model, samples=8, seed=1)
+        slim, _ = onnxslim_cnn.compress(model, passes=["slim"], calib=calib, fidelity=False)
+        x = held_out.inputs["input"]
+        feeds = {b: {"input": np.ascontiguousarray(x[:b])} for b in (1, 8)}
+        models, entry = {"slim": slim}, {"variants": {}}
+        for label, opts in (("energy0.9", {"energy": 0.9, "ops": ["Gemm"]}), ("rank256", {"rank": 256, "ops": ["Gemm"]})):
+            t0 = time.perf_counter()
+            new, rep = onnxslim_cnn.compress(slim, passes=["svd"], calib=calib, options={"svd": opts}, fidelity=False)
+            rec = rep.passes[0]
+            models[label] = new
+            entry["variants"][label] = {
+                "options": opts, "pass_seconds": round(rec.seconds, 2),
+                "pipeline_seconds": round(time.perf_counter() - t0, 2),
+                "params_before": rep.input.params, "params_after": rep.output.params,
+                "layers": {c["item"]: {k: c[k] for k in ("m", "n", "rank", "kept_energy")} for c in rec.changes},
+                "skipped": [f'{s["item"]}: {s["reason"]}' for s in rec.skipped],
+                "fidelity_vs_original": _fid(fidelity(model, new, held_out))}
+        entry["latency_ms"] = {}
+        for b, f in feeds.items():
+            ms = median_ms(list(models.values()), f, max(5, repeats // 3) if name == "vgg16" else repeats)
+            entry["latency_ms"][f"batch{b}"] = dict(zip(models, ms))
+        out[name] = entry
+    return out
+
+
+SECTIONS = {"resnet18": bench_resnet18, "digits": bench_digits, "svd": bench_svd}
 
 
 def main(argv: "list[str] | None" = None) -> int:

@@ -54,6 +54,9 @@ class SvdOptions:
     exclude: list[str] = option([], "never these node names")
     ops: list[Literal["Gemm", "MatMul", "Conv"]] = option(["Gemm", "MatMul", "Conv"],
                                                           "op types to factorise (Conv: 1x1, groups = 1)")
+    conv_fc_only: bool = option(True, "factorise a 1x1 Conv only when it is an FC over channels (its input "
+                                      "is 1x1 spatially, e.g. after global pooling); pointwise convs on "
+                                      "feature maps are left to `lowrank`/`prune`")
     sequential: bool = option(True, "take each layer's calibration inputs from the model with the layers before "
                                     "it already factorised (one extra ONNX Runtime run per layer) rather than "
                                     "from the original: each layer then fits the inputs it will really see")
@@ -183,6 +186,9 @@ class SvdPass(Pass):
             if reason:
                 result.skip(label, reason)
                 continue
+            if node.op == "Conv" and o.conv_fc_only and not _spatially_1x1(node.inputs[0]):
+                result.skip(label, "1x1 conv on a feature map, not an FC over channels (set conv_fc_only=false)")
+                continue
             layer = by_weight.get(id(weight))
             if layer is None:
                 layer = by_weight[id(weight)] = _Layer(weight, layout)
@@ -209,6 +215,10 @@ class SvdPass(Pass):
 
 def _label(node: gs.Node) -> str:
     return node.name or (node.outputs[0].name if node.outputs else node.op)
+
+
+def _spatially_1x1(x: gs.Tensor) -> bool:
+    return x.shape is not None and len(x.shape) > 2 and all(d == 1 for d in x.shape[2:])
 
 
 def _eligible(node: gs.Node) -> "tuple[gs.Tensor, str, str] | None":

@@ -84,7 +84,9 @@ def test_1x1_conv_is_exact(attrs):
     m = make_model([h.make_node("Conv", ["x", "w", "b"], ["y"], name="pw", kernel_shape=[1, 1], **attrs)],
                    [vi("x", ["N", N_IN, 6, 6])], [vi("y", ["N", N_OUT, "H", "W"])],
                    [init("w", r.normal(size=(N_OUT, N_IN, 1, 1))), init("b", r.normal(size=N_OUT))])
-    out, _ = exact(m)
+    _, skipped = SvdPass(allow_growth=True, rank=N_OUT, min_params=0).apply(m)
+    assert skipped.skipped == [{"item": "pw", "reason": "1x1 conv on a feature map, not an FC over channels (set conv_fc_only=false)"}]
+    out, _ = exact(m, conv_fc_only=False)
     first, second = out.graph.node
     assert [n.op_type for n in out.graph.node] == ["Conv", "Conv"] and len(second.input) == 3
     shapes = {t.name: list(t.dims) for t in out.graph.initializer}
@@ -248,7 +250,7 @@ def test_reported_output_error_is_the_measured_one(build):
     """The calibration rows are laid out right for every op (transA, NCHW channels, 3-D inputs)."""
     m = build()
     calib = feeds_for(m, batch=30, seed=2)
-    out, result = SvdPass(rank=3, data_aware=True, min_params=0).apply(m, calib=calib)
+    out, result = SvdPass(rank=3, data_aware=True, min_params=0, conv_fc_only=False).apply(m, calib=calib)
     before, after = run(m, calib)[0], run(out, calib)[0]
     signal = before  # the reported error is relative to x W, without the bias
     if m.graph.node[0].op_type == "Conv":
@@ -357,3 +359,14 @@ def test_gram_cache_misses_a_rewritten_buffer():
     W *= 2.0
     s2, _ = fz.spectrum(W)
     assert np.allclose(s2, 2 * s1, rtol=1e-4)
+
+
+def test_fc_over_channels_1x1_conv_is_factorised_by_default():
+    r = rng()
+    nodes = [h.make_node("GlobalAveragePool", ["x"], ["p"]),
+             h.make_node("Conv", ["p", "w", "b"], ["y"], name="fc_conv")]
+    m = make_model(nodes, [vi("x", ["N", N_IN, 6, 6])], [vi("y", ["N", N_OUT, 1, 1])],
+                   [init("w", r.normal(size=(N_OUT, N_IN, 1, 1))), init("b", r.normal(size=N_OUT))])
+    out, result = SvdPass(allow_growth=True, rank=N_OUT, min_params=0).apply(m)
+    assert [n.op_type for n in out.graph.node] == ["GlobalAveragePool", "Conv", "Conv"]
+    assert_same_outputs(m, out, feeds_for(m), rel=1e-4)
