@@ -133,3 +133,23 @@ def test_grouped_conv_pruned_exactly_and_validly():
     out, rep = onnxslim_cnn.compress(m, passes=["prune"], prune__ratio=0.5, prune__protect_first=False)
     assert rep.passes[0].status == "ok"
     onnx.checker.check_model(out, full_check=True)
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("mid", ["ppocrv4_det", "ppocrv4_rec", "ppocr_cls_v2"])
+def test_real_ppocr_models_prune_at_0_3(mid):
+    from onnxslim_cnn.models import corpus, tasks
+
+    try:
+        path = corpus.fetch([mid], quiet=True)[mid]
+    except corpus.CorpusUnavailable as exc:
+        pytest.skip(f"real models unavailable: {exc}")
+    calib = tasks.sample_inputs(mid, 4)
+    out, report = onnxslim_cnn.compress(str(path), passes=["slim", "prune"], calib=calib, prune__ratio=0.3)
+    rec = report.passes[1]
+    assert rec.status == "ok" and rec.stats["channels_removed"] > 0
+    assert report.output.macs < report.input.macs
+    frozen = [s["reason"] for s in rec.skipped if s["reason"].startswith("frozen: ")]
+    assert frozen and all("(" in r or "graph output" in r for r in frozen)  # each names the op or output
+    for f in report.fidelity.values():
+        assert "error" not in f and 0 < f["cosine"] <= 1.0000001  # output shapes kept, agreement reported
