@@ -21,29 +21,20 @@ Sections (``--sections``, comma-separated; default all):
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
 import onnxslim_cnn
+from _common import emit, machine  # bench/ is on sys.path when a script here runs
 from onnxslim_cnn.analysis import calibration
 from onnxslim_cnn.analysis.fidelity import fidelity
 from onnxslim_cnn.analysis.runtime_session import make_session
 from onnxslim_cnn.models import digits, reference
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "python": platform.python_version(), "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__, "onnxslim_cnn": onnxslim_cnn.__version__, "ort_threads": 1}
 
 
 def median_ms(models: list, feeds: dict, repeats: int, warmup: int = 3) -> list:
@@ -252,11 +243,7 @@ def main(argv: "list[str] | None" = None) -> int:
     for name in wanted:
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
         doc[name] = SECTIONS[name](max(args.repeats, 10), reduced=args.reduced)
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(doc, args.out)
     return 0
 
 

@@ -17,27 +17,20 @@ Prints JSON with three sections (choose with --sections):
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 import onnxslim_cnn
+from _common import emit, machine  # bench/ is on sys.path when a script here runs
 from onnxslim_cnn.analysis.calibration import random_inputs
 from onnxslim_cnn.analysis.fidelity import latency
 from onnxslim_cnn.models import corpus, digits, reference
 
 CRITERIA = ("l1", "l2", "bn_gamma", "activation", "reconstruction")
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "cores": os.cpu_count(), "python": platform.python_version(),
-            "onnxruntime": ort.__version__, "onnx": onnx.__version__, "ort_threads": 1}
 
 
 # --------------------------------------------------------------------------- digits vs Torch-Pruning
@@ -163,11 +156,7 @@ def main(argv: "list[str] | None" = None) -> int:
             doc["speed"] = section_speed(0.5, args.repeats)
         elif section == "corpus":
             doc["corpus"] = section_corpus(0.3)
-    text = json.dumps(doc, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(doc, args.out)
     return 0
 
 

@@ -13,29 +13,18 @@ and the time our whole pipeline took (load, pass, checks, fidelity) next to Onnx
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 import onnxslim_cnn
+from _common import emit, machine  # bench/ is on sys.path when a script here runs
 from onnxslim_cnn.analysis import calibration
 from onnxslim_cnn.analysis.fidelity import fidelity, latency, reference_outputs
 from onnxslim_cnn.models import corpus, digits, reference
-
-
-def machine() -> dict:
-    import onnxslim
-
-    return {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "python": platform.python_version(), "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__, "onnxslim": onnxslim.__version__,
-            "onnxslim_cnn": onnxslim_cnn.__version__, "ort_threads": 1}
 
 
 def _summary(fid: dict) -> dict:
@@ -164,7 +153,7 @@ def main(argv: "list[str] | None" = None) -> int:
         results.append(bench_one(name, kind, build, calib_arrays, args.repeats))
     compared = [r for r in results if r["nodes_ours_minus_onnxslim"] is not None]
     doc = {
-        "bench": "slim", "machine": machine(), "reduced": args.reduced, "models": results,
+        "bench": "slim", "machine": machine(onnxslim=__import__("onnxslim").__version__), "reduced": args.reduced, "models": results,
         "summary": {
             "models": len(results),
             "ours_fewer_or_equal_nodes": sum(r["nodes_ours_minus_onnxslim"] <= 0 for r in compared),
@@ -172,11 +161,7 @@ def main(argv: "list[str] | None" = None) -> int:
             "max_rel_error_ours": max((r["ours"]["fidelity"]["max_rel_error"] or 0) for r in results) if results else None,
         },
     }
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(doc, args.out)
     return 0
 
 
