@@ -5,9 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto
 from onnx import helper as h
 from onnx import numpy_helper as nh
+
+from onnxslim_cnn.errors import UserError
 
 RNG_SEED = 0
 
@@ -60,3 +63,12 @@ def conv_bn_model(rng=None, with_bias=False, out_is_bn=False) -> onnx.ModelProto
     if with_bias:
         inits.append(init("cb", rng.normal(size=6)))
     return make_model(nodes, [vi("x", ["N", 4, 8, 8])], [vi("y", ["N", 6, 8, 8])], inits)
+
+
+def user_error(fn, *args, **kw) -> str:
+    """Call fn expecting a UserError; return its message, checked to be one non-empty line."""
+    with pytest.raises(UserError) as info:
+        fn(*args, **kw)
+    msg = str(info.value)
+    assert msg and "\n" not in msg
+    return msg

@@ -11,8 +11,8 @@ import pytest
 from onnx import helper as h
 
 import onnxslim_cnn
-from graphs import assert_same_outputs, conv_bn_model, make_model, vi
-from onnxslim_cnn import Pass, PassResult, Report, UserError, pipeline, register_pass
+from graphs import assert_same_outputs, conv_bn_model, user_error
+from onnxslim_cnn import Pass, PassResult, Report, pipeline, register_pass
 from onnxslim_cnn.passes import SlimPass
 
 FEED = {"x": np.random.default_rng(5).standard_normal((2, 4, 8, 8)).astype(np.float32)}
@@ -39,14 +39,6 @@ def temp_pass():
     yield add
     for name in added:
         del pipeline._REGISTRY[name]
-
-
-def user_error(fn, *args, **kw) -> str:
-    with pytest.raises(UserError) as info:
-        fn(*args, **kw)
-    msg = str(info.value)
-    assert msg and "\n" not in msg
-    return msg
 
 
 # --------------------------------------------------------------------------- compress

@@ -6,10 +6,9 @@ from onnx import TensorProto
 from onnx import helper as h
 
 import onnxslim_cnn
-from graphs import conv_bn_model, make_model, vi
+from graphs import conv_bn_model, make_model, vi, user_error
 from onnxslim_cnn.analysis.calibration import load_npz, parse_input_shapes, random_inputs
 from onnxslim_cnn.analysis.fidelity import compare, fidelity, reference_outputs
-from onnxslim_cnn.errors import UserError
 
 
 def relu_model(x_shape, y_shape=None, dtype=TensorProto.FLOAT):
@@ -20,14 +19,6 @@ def two_input_model():
     nodes = [h.make_node("Relu", ["a"], ["y"]), h.make_node("Cast", ["b"], ["z"], to=TensorProto.FLOAT)]
     return make_model(nodes, [vi("a", ["N", 3]), vi("b", ["N", 2], TensorProto.INT64)],
                       [vi("y", ["N", 3]), vi("z", ["N", 2])])
-
-
-def user_error(fn, *args, **kw) -> str:
-    with pytest.raises(UserError) as info:
-        fn(*args, **kw)
-    msg = str(info.value)
-    assert msg and "\n" not in msg
-    return msg
 
 
 # --------------------------------------------------------------------------- generator

@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import helper as h
 
-from graphs import conv_bn_model, make_model, vi
+from graphs import conv_bn_model, vi
 from onnxslim_cnn.cli import main
 
 

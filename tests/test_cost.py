@@ -1,7 +1,6 @@
 """analysis/cost.py: exact MAC counts worked out by hand, parameter counting, node counts."""
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto
 from onnx import helper as h

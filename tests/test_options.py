@@ -6,7 +6,8 @@ from typing import Literal, Optional
 
 import pytest
 
-from onnxslim_cnn.errors import UserError
+from graphs import user_error
+
 from onnxslim_cnn.options import coerce, describe, load_recipe, make_options, option, parse_set
 
 
@@ -27,14 +28,6 @@ class Opts:
 
 def make(**values):
     return make_options(Opts, values, "p")
-
-
-def user_error(fn, *args, **kw) -> str:
-    with pytest.raises(UserError) as info:
-        fn(*args, **kw)
-    msg = str(info.value)
-    assert msg and "\n" not in msg
-    return msg
 
 
 # --------------------------------------------------------------------------- coerce

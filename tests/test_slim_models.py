@@ -5,7 +5,6 @@ original), the node count must not exceed OnnxSlim's on the same input, and task
 trained/real models must not move at all.
 """
 
-import numpy as np
 import onnx
 import pytest
 
