@@ -2,6 +2,7 @@
 
 from .lowrank import LowrankPass  # noqa: F401
 from .prune import PrunePass
+from .q8 import Q8Pass  # noqa: F401
 from .slim import SlimPass
 from .svd import SvdPass  # noqa: F401
 

@@ -1,0 +1,224 @@
+"""Pass ``q8``: static int8 QDQ quantization, with ONNX Runtime's own quantization tool as the engine.
+
+ORT's ``quantize_static`` inserts the QuantizeLinear/DequantizeLinear pairs, so the output is
+exactly what ORT users expect. Around it, ``q8`` fixes what the tool gets wrong on its own:
+
+* BatchNorm (and BN exported as per-channel Mul + Add) is folded first by running ``slim``;
+  QDQ inserted around an unfolded BN keeps it in float and runs slower than fp32.
+* opset < 13 is upgraded to 13 when quantizing per channel: the tool otherwise writes a
+  DequantizeLinear with ``axis``, which is invalid before opset 13.
+* activations default to uint8: on x86 ORT fuses every Conv and Add of a residual network into
+  QLinear kernels with u8 activations, while with its default s8 several stay unfused.
+* a model that is already quantized is passed through unchanged (the tool would re-quantize it).
+
+The tool works on files, so the model is written to a temporary directory; the input is never
+modified. The result counts the Q/DQ nodes inserted and, from the graph ORT builds at
+``ORT_ENABLE_ALL``, the int8 kernels it actually runs next to the float ops left between Q and DQ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxslim_cnn.errors import UserError
+from onnxslim_cnn.graph import Graph, _without_graph
+from onnxslim_cnn.options import option
+from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
+
+# Ops that mark a model as already quantized (QDQ, QOperator or dynamic).
+_QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}
+_QUANT_PREFIXES = ("QLinear", "DynamicQuantize", "QGemm", "QAttention")
+# Int8 kernels in ORT's optimized graph.
+_INT8_PREFIXES = ("QLinear", "QGemm", "QAttention", "QEmbed", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+                  "ConvInteger", "MatMulInteger", "NhwcQLinear")
+_QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+_BIG_MODEL = 1_800_000_000  # protobuf limit is 2 GiB; above this, weights go to external data
+
+
+@dataclasses.dataclass(frozen=True)
+class Q8Options:
+    activations: str = option("uint8", "activation type; uint8 fuses every Conv and Add on x86 ORT",
+                              choices=("uint8", "int8"))
+    per_channel: bool = option(True, "int8 symmetric weights per output channel (else per tensor)")
+    calibration: str = option("minmax", "activation range calibration method",
+                              choices=("minmax", "percentile", "entropy"))
+    dynamic: bool = option(False, "ORT dynamic quantization (weights int8, activations quantized at run time)")
+    exclude: list[str] = option([], "node names kept in float")
+    fold_bn: bool = option(True, "run slim first, folding BatchNormalization into the preceding Conv/Gemm")
+
+
+def is_quantized(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in _QUANT_OPS or n.op_type.startswith(_QUANT_PREFIXES) for n in model.graph.node)
+
+
+def _is_int8_kernel(op_type: str) -> bool:
+    return op_type.startswith(_INT8_PREFIXES)
+
+
+class _Reader:
+    """``CalibrationDataReader`` over ``ctx.calibration``: runs of ``batch`` samples."""
+
+    def __init__(self, inputs: dict[str, np.ndarray], batch: int):
+        from onnxruntime.quantization import CalibrationDataReader
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                n = next(iter(inputs.values())).shape[0] if inputs else 0
+                self._runs = [{k: v[i:i + batch] for k, v in inputs.items()} for i in range(0, n, max(batch, 1))]
+                self._it = iter(self._runs)
+
+            def get_next(self):
+                return next(self._it, None)
+
+            def rewind(self):
+                self._it = iter(self._runs)
+
+        self.reader = Reader()
+
+
+def _save(model: onnx.ModelProto, path: str) -> bool:
+    big = model.ByteSize() > _BIG_MODEL
+    if big:
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=os.path.basename(path) + ".data")
+    else:
+        onnx.save_model(model, path)
+    return big
+
+
+def kernel_stats(model_path: str, work_dir: str) -> dict:
+    """Load ``model_path`` in ORT at ORT_ENABLE_ALL and count what the optimized graph runs."""
+    import onnxruntime as ort
+
+    opt_path = os.path.join(work_dir, "ort_optimized.onnx")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = opt_path
+    so.log_severity_level = 3
+    ort.InferenceSession(model_path, sess_options=so, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(opt_path, load_external_data=False)
+    nodes = list(optimized.graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    int8 = Counter(n.op_type for n in nodes if _is_int8_kernel(n.op_type))
+    # A float op left between Q and DQ: a compute node that reads a dequantized tensor.
+    left = Counter(n.op_type for n in nodes
+                   if n.op_type not in _QDQ_OPS and not _is_int8_kernel(n.op_type)
+                   and any(i in producer and producer[i].op_type == "DequantizeLinear" for i in n.input))
+    return {
+        "int8_kernels": sum(int8.values()),
+        "int8_kernel_types": dict(sorted(int8.items())),
+        "float_ops_in_qdq": sum(left.values()),
+        "float_op_types_in_qdq": dict(sorted(left.items())),
+        "ort_quantize_nodes": sum(n.op_type == "QuantizeLinear" for n in nodes),
+        "ort_dequantize_nodes": sum(n.op_type == "DequantizeLinear" for n in nodes),
+    }
+
+
+@register_pass
+class Q8Pass(Pass):
+    name = "q8"
+    summary = ("Int8 quantization with ONNX Runtime's quantize_static (QDQ; int8 symmetric per-channel "
+               "weights, uint8 activations by default) after folding BatchNorm; opset upgraded to 13 "
+               "for per-channel; reports the int8 kernels ORT actually builds. dynamic=true uses ORT "
+               "dynamic quantization. Already-quantized models pass through unchanged.")
+    Options = Q8Options
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return not self.options.dynamic
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_dynamic,
+            quantize_static,
+        )
+
+        o = self.options
+        result = PassResult()
+        model = graph.to_model()
+        if is_quantized(model):
+            result.skip("model", "already quantized (has QuantizeLinear/DequantizeLinear, QLinear* or "
+                                 "integer ops); passed through unchanged")
+            return result
+
+        if o.fold_bn:
+            from .slim import SlimPass
+
+            model, slim_result = SlimPass().apply(model)
+            result.stats["slim_changes"] = len(slim_result.changes)
+            result.stats["batchnorm_left"] = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
+
+        names = {n.name for n in model.graph.node}
+        exclude = [n for n in o.exclude if n in names]
+        for n in o.exclude:
+            if n not in names:
+                result.skip(n, "exclude: no node of this name")
+
+        opset = next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), 0)
+        if opset < 13 and (o.per_channel or not o.dynamic):
+            # DequantizeLinear's axis (per-channel) needs opset 13; the tool itself would write an
+            # invalid model. Per-tensor static QDQ is also upgraded: one opset for both set-ups.
+            from onnx import version_converter
+
+            try:
+                model = version_converter.convert_version(model, 13)
+            except Exception as exc:
+                raise UserError(f"q8: cannot upgrade opset {opset} to 13 for per-channel quantization: "
+                                f"{str(exc).strip().splitlines()[0]}") from None
+            result.stats["opset_upgraded"] = f"{opset}->13"
+
+        q_before = sum(n.op_type == "QuantizeLinear" for n in model.graph.node)
+        dq_before = sum(n.op_type == "DequantizeLinear" for n in model.graph.node)
+        with tempfile.TemporaryDirectory(prefix="onnxslim_q8_") as tmp:
+            src, dst = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "q8.onnx")
+            big = _save(model, src)
+            if o.dynamic:
+                quantize_dynamic(src, dst, per_channel=o.per_channel, weight_type=QuantType.QInt8,
+                                 nodes_to_exclude=exclude or None, use_external_data_format=big)
+            else:
+                calib = ctx.calibration
+                method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                          "entropy": CalibrationMethod.Entropy}[o.calibration]
+                act = QuantType.QUInt8 if o.activations == "uint8" else QuantType.QInt8
+                quantize_static(src, dst, _Reader(calib.inputs, calib.batch).reader,
+                                quant_format=QuantFormat.QDQ, per_channel=o.per_channel,
+                                activation_type=act, weight_type=QuantType.QInt8,
+                                nodes_to_exclude=exclude or None, use_external_data_format=big,
+                                calibrate_method=method,
+                                extra_options={"WeightSymmetric": True,
+                                               "ActivationSymmetric": o.activations == "int8"})
+                result.stats["calibration_samples"] = calib.samples
+            quantized = onnx.load(dst)
+            result.stats.update(kernel_stats(dst, tmp))
+
+        q = sum(n.op_type == "QuantizeLinear" for n in quantized.graph.node) - q_before
+        dq = sum(n.op_type == "DequantizeLinear" for n in quantized.graph.node) - dq_before
+        dyn = sum(n.op_type == "DynamicQuantizeLinear" for n in quantized.graph.node)
+        result.stats["quantize_linear_inserted"] = q
+        result.stats["dequantize_linear_inserted"] = dq
+        if o.dynamic:
+            result.stats["dynamic_quantize_inserted"] = dyn
+        result.stats["excluded"] = len(exclude)
+        if q + dq + dyn == 0:
+            result.skip("model", "ONNX Runtime's quantization tool found nothing to quantize")
+            return result
+
+        # Hand the quantized model back through the Graph the pipeline exports.
+        graph.gs = gs.import_onnx(quantized)
+        graph._template = _without_graph(quantized)
+        graph._names = None
+        graph.source = quantized
+        result.changed = True
+        result.change("model", "quantized", mode="dynamic" if o.dynamic else "static",
+                      activations=None if o.dynamic else o.activations, per_channel=o.per_channel)
+        return result
