@@ -1,0 +1,260 @@
+"""Pass ``sparsify``: unstructured magnitude pruning of Conv/Gemm/MatMul weights.
+
+The smallest-magnitude weights are set to zero; the weights stay dense (the sparse runtime
+executes them sparsely). ``scope=global`` ranks every eligible weight together (raw magnitudes)
+and zeroes exactly ``round(ratio * total)`` of them; ``scope=layer`` zeroes ``round(ratio * n)``
+in each layer. ``layer_ratio`` overrides the ratio of named layers (those are then pruned on
+their own and left out of the global ranking); ``exclude`` names layers left dense.
+
+With ``refit=true`` the surviving weights of each layer are refitted by ridge least squares on
+calibration activations of the dense model so that the layer's outputs match the dense layer's:
+per output channel, on the unmasked inputs only (the mask is kept, so sparsity is unchanged).
+Gemm/MatMul use the activations directly, Conv (groups=1) goes through im2col.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxslim_cnn.graph import Graph
+from onnxslim_cnn.options import option
+from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
+
+from .prune_recover import MAX_ROWS, im2col
+
+OPS = ("Conv", "Gemm", "MatMul")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsifyOptions:
+    ratio: float = option(0.5, "share of eligible weights set to zero (overall or per layer, see scope)",
+                          min=0.0, max=1.0)
+    scope: Literal["global", "layer"] = option("global", "one magnitude threshold over all eligible weights, "
+                                               "or the same ratio in every layer")
+    layer_ratio: dict[str, float] = option({}, "per-layer ratio overrides by node name (name:ratio,...)")
+    exclude: list[str] = option([], "node names left dense")
+    skip_depthwise: bool = option(True, "leave depthwise convolutions dense")
+    min_params: int = option(256, "leave layers with fewer weights than this dense", min=0)
+    refit: bool = option(False, "refit the surviving weights of each layer by ridge least squares on "
+                                "calibration activations (per output channel)")
+    ridge: float = option(1e-3, "ridge term of the refit, relative to the mean Gram diagonal", min=0.0)
+    refit_max_features: int = option(4096, "skip the refit of layers with more inputs per output channel", min=1)
+
+
+@dataclasses.dataclass
+class _Layer:
+    node: gs.Node
+    weight: gs.Constant
+    values: np.ndarray  # float weights in ONNX layout
+    ratio: "float | None" = None  # per-layer ratio; None = in the global ranking
+    mask: "np.ndarray | None" = None  # True = kept
+
+
+@register_pass
+class SparsifyPass(Pass):
+    name = "sparsify"
+    summary = ("Unstructured magnitude pruning: zero the smallest Conv/Gemm/MatMul weights by one "
+               "global ratio, per layer, or per-layer overrides (weights stay dense); optional "
+               "least-squares refit of the surviving weights on calibration data.")
+    Options = SparsifyOptions
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return bool(self.options.refit)
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        o = self.options
+        result = PassResult()
+        names = {n.name for n in graph.nodes}
+        for name in list(o.layer_ratio) + list(o.exclude):
+            if name not in names:
+                ctx.warnings.append(f"sparsify: no node named '{name}' (layer_ratio/exclude)")
+        for name, r in o.layer_ratio.items():
+            if not 0.0 <= float(r) <= 1.0:
+                from onnxslim_cnn.errors import UserError
+                raise UserError(f"sparsify.layer_ratio: ratio of '{name}' must be in [0, 1], got {r}")
+        layers = _eligible(graph, o, result)
+        for layer in layers:
+            name = layer.node.name
+            if name in o.layer_ratio:
+                layer.ratio = float(o.layer_ratio[name])
+            elif o.scope == "layer":
+                layer.ratio = o.ratio
+        # masks: per-layer ratios exactly, global ranking over the rest
+        for layer in layers:
+            if layer.ratio is not None:
+                layer.mask = _mask_smallest(np.abs(layer.values).ravel(), layer.ratio).reshape(layer.values.shape)
+        pooled = [layer for layer in layers if layer.ratio is None]
+        if pooled:
+            mags = np.concatenate([np.abs(layer.values).ravel() for layer in pooled])
+            keep = _mask_smallest(mags, o.ratio)
+            start = 0
+            for layer in pooled:
+                n = layer.values.size
+                layer.mask = keep[start:start + n].reshape(layer.values.shape)
+                start += n
+
+        acts = {}
+        if o.refit:
+            acts = _refit_inputs(graph, ctx, layers, o, result)
+
+        total = zeros = 0
+        for layer in layers:
+            new = np.where(layer.mask, layer.values, 0).astype(layer.values.dtype)
+            name = layer.node.name
+            if o.refit and name in acts:
+                refitted = _refit(layer, acts[name], o.ridge, ctx.seed)
+                if refitted is not None:
+                    new = refitted
+                    result.count("refitted")
+            nz = int(new.size - np.count_nonzero(new))
+            total += new.size
+            zeros += nz
+            if nz == int(layer.values.size - np.count_nonzero(layer.values)) and not o.refit:
+                result.skip(name, "no weight below the threshold")
+                continue
+            graph.replace_constant(layer.node, _weight_index(layer.node), new)
+            result.change(name, "sparsified", zeros=nz, total=int(new.size),
+                          sparsity=round(nz / new.size, 6))
+        result.stats["weights"] = total
+        result.stats["zeros"] = zeros
+        result.stats["sparsity"] = round(zeros / total, 6) if total else 0.0
+        if result.changed:
+            graph.remove_unused()
+        return result
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def _weight_index(node: gs.Node) -> int:
+    """Index of the constant weight: 1, or 0 for MatMul(W, x)."""
+    if node.op == "MatMul" and isinstance(node.inputs[0], gs.Constant) and not isinstance(node.inputs[1], gs.Constant):
+        return 0
+    return 1
+
+
+def _eligible(graph: Graph, o: SparsifyOptions, result: PassResult) -> list[_Layer]:
+    layers, seen = [], set()
+    for node in graph.nodes:
+        if node.op not in OPS or len(node.inputs) < 2:
+            continue
+        name = node.name
+        if name in o.exclude:
+            result.skip(name, "excluded")
+            continue
+        idx = _weight_index(node)
+        w = node.inputs[idx]
+        if not isinstance(w, gs.Constant):
+            result.skip(name, "weight is not a constant")
+            continue
+        values = np.asarray(w.values)
+        if values.dtype.kind != "f" or values.ndim < 2:
+            result.skip(name, f"weight is not a float matrix ({values.dtype}, {values.ndim}-D)")
+            continue
+        if node.op == "Conv" and o.skip_depthwise and int(node.attrs.get("group", 1)) > 1 and values.shape[1] == 1:
+            result.skip(name, "depthwise convolution (skip_depthwise)")
+            continue
+        if values.size < o.min_params:
+            result.skip(name, f"{values.size} weights < min_params {o.min_params}")
+            continue
+        if id(w) in seen or len(w.outputs) > 1:
+            result.skip(name, "weight shared with another node")
+            continue
+        seen.add(id(w))
+        layers.append(_Layer(node, w, values))
+    return layers
+
+
+def _mask_smallest(mags: np.ndarray, ratio: float) -> np.ndarray:
+    """Keep-mask that drops exactly round(ratio * n) entries of smallest magnitude (stable ties)."""
+    k = int(round(ratio * mags.size))
+    keep = np.ones(mags.size, dtype=bool)
+    if k > 0:
+        keep[np.argsort(mags, kind="stable")[:k]] = False
+    return keep
+
+
+# --------------------------------------------------------------------------- refit
+
+
+def _refit_inputs(graph: Graph, ctx: PassContext, layers: list[_Layer], o: SparsifyOptions,
+                  result: PassResult) -> dict[str, np.ndarray]:
+    wanted: dict[str, str] = {}
+    for layer in layers:
+        node = layer.node
+        name = node.name
+        if node.op == "Gemm" and int(node.attrs.get("transA", 0)):
+            result.skip(name, "refit: Gemm with transA not supported")
+            continue
+        if node.op == "MatMul" and (_weight_index(node) == 0 or layer.values.ndim != 2):
+            result.skip(name, "refit: MatMul weight must be a 2-D right operand")
+            continue
+        if node.op == "Conv":
+            if int(node.attrs.get("group", 1)) != 1:
+                result.skip(name, "refit: grouped convolution not supported")
+                continue
+            if layer.values.ndim != 4 or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+                result.skip(name, "refit: only 2-D convolutions with explicit pads")
+                continue
+        features = int(np.prod(layer.values.shape[1:])) if node.op == "Conv" else layer.values.shape[
+            1 if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else 0]
+        if features > o.refit_max_features:
+            result.skip(name, f"refit: {features} inputs per channel > refit_max_features")
+            continue
+        x = node.inputs[0]
+        if isinstance(x, gs.Constant):
+            result.skip(name, "refit: input is a constant")
+            continue
+        wanted[name] = x.name
+    if not wanted:
+        return {}
+    values = ctx.activations(graph.source, sorted(set(wanted.values())))
+    return {layer: values[t] for layer, t in wanted.items()}
+
+
+def _refit(layer: _Layer, x: np.ndarray, ridge: float, seed: int) -> "np.ndarray | None":
+    """Refitted sparse weight (same layout and mask), or None when the layer cannot be refitted."""
+    node, w, mask = layer.node, layer.values, layer.mask
+    if node.op == "Conv":
+        nd = w.ndim - 2
+        attrs = node.attrs
+        cols = im2col(x.astype(np.float64), tuple(w.shape[2:]), list(attrs.get("pads", [0] * (2 * nd))),
+                      list(attrs.get("strides", [1] * nd)), list(attrs.get("dilations", [1] * nd)))
+        A = cols.reshape(-1, cols.shape[-1])
+        if len(A) > MAX_ROWS:
+            A = A[np.random.default_rng(seed).choice(len(A), MAX_ROWS, replace=False)]
+        wf = w.reshape(w.shape[0], -1).T.astype(np.float64)  # [C*k, O]
+        mf = mask.reshape(w.shape[0], -1).T
+    else:
+        A = x.reshape(-1, x.shape[-1]).astype(np.float64)
+        transposed = node.op == "Gemm" and int(node.attrs.get("transB", 0))
+        wf = (w.T if transposed else w).astype(np.float64)  # [K, O]
+        mf = mask.T if transposed else mask
+        if A.shape[1] != wf.shape[0]:
+            return None
+    target = A @ wf  # bias unchanged: the dense and sparse layers share it
+    gram = A.T @ A
+    lam = ridge * float(np.mean(np.diag(gram))) if len(gram) else 0.0
+    rhs = A.T @ target  # [K, O]
+    # inputs never active on the calibration data carry no information: their weights are kept
+    silent = np.diag(gram) <= 0
+    new = np.where(mf, wf, 0.0)
+    for j in range(wf.shape[1]):
+        keep = mf[:, j] & ~silent
+        if not keep.any():
+            continue
+        g = gram[np.ix_(keep, keep)]
+        g[np.diag_indices_from(g)] += lam
+        # the silent inputs' fixed weights contribute nothing on this data, so the target is unchanged
+        try:
+            new[keep, j] = np.linalg.solve(g, rhs[keep, j])
+        except np.linalg.LinAlgError:
+            pass
+    if node.op == "Conv":
+        return new.T.reshape(w.shape).astype(w.dtype)
+    return (new.T if transposed else new).astype(w.dtype)

@@ -1,0 +1,181 @@
+"""Passes ``sparsify`` (unstructured magnitude pruning) and ``fp16`` (float16 weights/compute)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import onnxslim_cnn
+from onnxslim_cnn.graph import check_model
+from onnxslim_cnn.models import digits, reference
+from onnxslim_cnn.passes.fp16 import Fp16Pass
+from onnxslim_cnn.passes.sparsify import SparsifyPass
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return reference.build("resnet18", width=0.25, input_size=32, num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def vgg():
+    return onnx.load(str(digits.fixture_path("digits_vgg")))
+
+
+def _weights(model, ops=("Conv", "Gemm", "MatMul")):
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {n.name: inits[n.input[1]] for n in model.graph.node if n.op_type in ops and n.input[1] in inits}
+
+
+def _run(model, x):
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+
+def _valid(model):
+    check_model(model, full_check=True)
+    ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+# --------------------------------------------------------------------------- sparsify
+
+
+def test_sparsify_global_ratio_is_exact(resnet):
+    out, report = onnxslim_cnn.compress(resnet, passes=["sparsify"], sparsify__ratio=0.6, fidelity=False)
+    _valid(out)
+    before, after = _weights(resnet), _weights(out)
+    eligible = [n for n, w in before.items() if w.size >= 256]
+    total = sum(after[n].size for n in eligible)
+    zeros = sum(int(np.count_nonzero(after[n] == 0)) for n in eligible)
+    assert zeros == round(0.6 * total)
+    rec = report.passes[0]
+    assert rec.stats["zeros"] == zeros and rec.stats["weights"] == total
+    changes = {c["item"]: c for c in rec.changes}
+    for n in eligible:
+        assert changes[n]["zeros"] == int(np.count_nonzero(after[n] == 0)) and changes[n]["total"] == after[n].size
+    # global: layers end up with different sparsities; surviving weights are untouched
+    assert len({round(c["sparsity"], 2) for c in changes.values()}) > 1
+    for n in eligible:
+        kept = after[n] != 0
+        np.testing.assert_array_equal(after[n][kept], before[n][kept])
+    # one threshold: no zeroed weight anywhere is larger than a kept one
+    dropped = np.concatenate([np.abs(before[n][after[n] == 0]) for n in eligible])
+    kept_all = np.concatenate([np.abs(before[n][after[n] != 0]) for n in eligible])
+    assert dropped.max() <= kept_all.min()
+
+
+def test_sparsify_layer_scope_overrides_and_exclude(resnet):
+    before = _weights(resnet)
+    names = [n for n, w in before.items() if w.size >= 256]
+    override, excluded = names[3], names[5]
+    out, _ = SparsifyPass(ratio=0.5, scope="layer", layer_ratio={override: 0.9}, exclude=[excluded]).apply(resnet)
+    _valid(out)
+    after = _weights(out)
+    for n in names:
+        z = int(np.count_nonzero(after[n] == 0))
+        if n == excluded:
+            np.testing.assert_array_equal(after[n], before[n])
+        elif n == override:
+            assert z == round(0.9 * after[n].size)
+        else:
+            assert z == round(0.5 * after[n].size)
+    # threshold: every zeroed weight of a layer is no larger than every kept one
+    w0, w1 = before[names[0]], after[names[0]]
+    assert np.abs(w0[w1 == 0]).max() <= np.abs(w0[w1 != 0]).min()
+
+
+def test_sparsify_refit_lowers_fc_error(vgg):
+    x, _ = digits.load_split("train")
+    xt, _ = digits.load_split("test")
+    ref = _run(vgg, xt)
+    convs = [n.name for n in vgg.graph.node if n.op_type == "Conv"]
+    errors, models = {}, {}
+    for refit in (False, True):
+        out, report = onnxslim_cnn.compress(vgg, passes=["sparsify"], calib={"input": x[:512]}, fidelity=False,
+                                            sparsify__ratio=0.8, sparsify__scope="layer",
+                                            sparsify__exclude=convs, sparsify__refit=refit)
+        _valid(out)
+        o = _run(out, xt)
+        errors[refit] = float(np.linalg.norm(o - ref) / np.linalg.norm(ref))
+        models[refit] = out
+        assert report.passes[0].stats["sparsity"] >= 0.8 - 1e-6
+    assert errors[True] < 0.5 * errors[False], errors
+    # the refit keeps the mask: no pruned weight comes back
+    for n, w in _weights(models[False], ("Gemm",)).items():
+        assert np.all(_weights(models[True], ("Gemm",))[n][w == 0] == 0)
+    assert digits.evaluate_top1(models[True]) >= digits.evaluate_top1(vgg) - 0.005
+
+
+def test_sparsify_refit_conv_and_calibration_flag(resnet):
+    assert not SparsifyPass().needs_calibration and SparsifyPass(refit=True).needs_calibration
+    out, result = SparsifyPass(ratio=0.5, scope="layer", refit=True).apply(resnet)
+    _valid(out)
+    assert result.stats.get("refitted", 0) > 0
+    x = np.random.default_rng(1).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    plain, _ = SparsifyPass(ratio=0.5, scope="layer").apply(resnet)
+    ref = _run(resnet, x)
+    err = lambda m: float(np.linalg.norm(_run(m, x) - ref) / np.linalg.norm(ref))  # noqa: E731
+    assert err(out) < err(plain)
+
+
+def test_sparsify_skips_small_layers(resnet):
+    _, result = SparsifyPass(ratio=0.5, min_params=10**9).apply(resnet)
+    assert not result.changed and all("min_params" in s["reason"] for s in result.skipped)
+
+
+# --------------------------------------------------------------------------- fp16
+
+
+def _io_types(model):
+    return ([i.type.tensor_type.elem_type for i in model.graph.input],
+            [o.type.tensor_type.elem_type for o in model.graph.output])
+
+
+@pytest.mark.parametrize("which", ["resnet", "vgg"])
+def test_fp16_weights_half_io_float(which, resnet, vgg):
+    model = resnet if which == "resnet" else vgg
+    out, report = onnxslim_cnn.compress(model, passes=["fp16"])
+    _valid(out)
+    assert report.passes[0].status == "ok"
+    floats = [t for t in out.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+    assert floats and all(t.data_type == onnx.TensorProto.FLOAT16 for t in floats)
+    assert _io_types(out) == _io_types(model)
+    if which == "resnet":
+        x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    else:
+        x = digits.load_split("test")[0][:64]
+    a, b = _run(model, x), _run(out, x)
+    assert b.dtype == np.float32
+    assert np.abs(a - b).max() / np.abs(a).max() < 1e-2
+    if which == "vgg":
+        assert abs(digits.evaluate_top1(out) - digits.evaluate_top1(model)) <= 0.005
+
+
+def test_fp16_without_keep_io_types(vgg):
+    out, _ = Fp16Pass(keep_io_types=False).apply(vgg)
+    _valid(out)
+    assert _io_types(out) == ([onnx.TensorProto.FLOAT16], [onnx.TensorProto.FLOAT16])
+    x = digits.load_split("test")[0][:16]
+    a = _run(vgg, x)
+    b = _run(out, x.astype(np.float16))
+    assert b.dtype == np.float16
+    assert np.abs(a - b.astype(np.float32)).max() / np.abs(a).max() < 1e-2
+
+
+def test_fp16_retargets_internal_casts():
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    w = onnx.numpy_helper.from_array(np.full((2, 3), 2.0, np.float32), "w")
+    nodes = [helper.make_node("Cast", ["x"], ["xi"], to=TensorProto.INT64),
+             helper.make_node("Cast", ["xi"], ["xf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["xf", "w"], ["y"])]
+    m = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w]), opset_imports=[helper.make_opsetid("", 17)])
+    out, result = Fp16Pass().apply(m)
+    _valid(out)
+    assert result.stats["casts_retargeted"] == 1
+    v = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_allclose(_run(out, v), 2 * v)
