@@ -1,11 +1,11 @@
 """Built-in passes (installed as ``onnxslim_cnn.passes``); importing this registers them."""
 
-from .fp16 import Fp16Pass  # noqa: F401
-from .lowrank import LowrankPass  # noqa: F401
+from .fp16 import Fp16Pass
+from .lowrank import LowrankPass
 from .prune import PrunePass
-from .q8 import Q8Pass  # noqa: F401
+from .q8 import Q8Pass
 from .slim import SlimPass
-from .sparsify import SparsifyPass  # noqa: F401
-from .svd import SvdPass  # noqa: F401
+from .sparsify import SparsifyPass
+from .svd import SvdPass
 
-__all__ = ["PrunePass", "SlimPass"]
+__all__ = ["Fp16Pass", "LowrankPass", "PrunePass", "Q8Pass", "SlimPass", "SparsifyPass", "SvdPass"]
