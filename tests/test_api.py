@@ -253,3 +253,16 @@ def test_a_pass_that_crashes_is_skipped_and_reported(tmp_path):
         assert report.passes[1].status == "ok" and "BatchNormalization" not in report.output.op_counts
     finally:
         del _REGISTRY["test_crashing"]
+
+
+def test_report_warns_when_outputs_change_noticeably():
+    from onnxslim_cnn.models import reference
+
+    model = reference.build("resnet18", width=0.25, input_size=32, num_classes=10)
+    _, exact = onnxslim_cnn.compress(model)
+    assert not any("changed noticeably" in w for w in exact.warnings)
+    _, lossy = onnxslim_cnn.compress(model, passes=["prune"], prune__ratio=0.9, prune__compensate=False)
+    cos = lossy.fidelity["logits"]["cosine"]
+    assert cos < 0.99
+    assert f"output logits: cosine {cos:.4f} to the original on the calibration inputs; the model changed " \
+           "noticeably, check its task accuracy" in lossy.warnings
