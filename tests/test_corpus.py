@@ -42,14 +42,6 @@ SLACK = {("ppocr_cls_v2", "correct"): 1, ("ddddocr_det", "found"): 2}
 
 
 @pytest.fixture(scope="module")
-def corpus_paths():
-    try:
-        return corpus.fetch(quiet=True)
-    except corpus.CorpusUnavailable as exc:
-        pytest.skip(f"real models unavailable: {exc}")
-
-
-@pytest.fixture(scope="module")
 def tasks():
     pytest.importorskip("PIL", reason="task metrics render their inputs with Pillow")
     from onnxslim_cnn.models import tasks

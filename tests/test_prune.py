@@ -137,13 +137,10 @@ def test_grouped_conv_pruned_exactly_and_validly():
 
 @pytest.mark.corpus
 @pytest.mark.parametrize("mid", ["ppocrv4_det", "ppocrv4_rec", "ppocr_cls_v2"])
-def test_real_ppocr_models_prune_at_0_3(mid):
-    from onnxslim_cnn.models import corpus, tasks
+def test_real_ppocr_models_prune_at_0_3(corpus_paths, mid):
+    from onnxslim_cnn.models import tasks
 
-    try:
-        path = corpus.fetch([mid], quiet=True)[mid]
-    except corpus.CorpusUnavailable as exc:
-        pytest.skip(f"real models unavailable: {exc}")
+    path = corpus_paths[mid]
     calib = tasks.sample_inputs(mid, 4)
     out, report = onnxslim_cnn.compress(str(path), passes=["slim", "prune"], calib=calib, prune__ratio=0.3)
     rec = report.passes[1]

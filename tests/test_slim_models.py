@@ -56,14 +56,6 @@ def test_digits_fixture_accuracy_unchanged(name):
     assert digits.evaluate_top1(out) == digits.evaluate_top1(str(path))
 
 
-@pytest.fixture(scope="module")
-def corpus_paths():
-    try:
-        return corpus.fetch(quiet=True)
-    except corpus.CorpusUnavailable as exc:
-        pytest.skip(f"real models unavailable: {exc}")
-
-
 @pytest.mark.corpus
 @pytest.mark.parametrize("mid", [m for m in corpus.IDS])
 def test_real_model(corpus_paths, mid):
