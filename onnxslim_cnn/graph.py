@@ -272,6 +272,16 @@ def _constant_attr_to_tensor(attr: onnx.AttributeProto) -> "onnx.TensorProto | N
     return None  # sparse_value / strings: leave the Constant node as it is
 
 
+def constant_value(tensor: "gs.Tensor | None") -> "np.ndarray | None":
+    """The array of a constant tensor, or None for a variable (or a missing optional input)."""
+    return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+
+
+def node_label(node: gs.Node) -> str:
+    """How reports name a node: its name, else its first output's name, else its op type."""
+    return node.name or (node.outputs[0].name if node.outputs else node.op)
+
+
 def _copy(msg):
     out = type(msg)()
     out.CopyFrom(msg)
@@ -407,12 +417,7 @@ class Graph:
     def is_constant(tensor: gs.Tensor) -> bool:
         return isinstance(tensor, gs.Constant)
 
-    @staticmethod
-    def value(tensor: gs.Tensor) -> "np.ndarray | None":
-        """The array of a constant tensor, or None for a variable."""
-        if isinstance(tensor, gs.Constant):
-            return np.asarray(tensor.values)
-        return None
+    value = staticmethod(constant_value)
 
     @staticmethod
     def producer(tensor: gs.Tensor) -> "gs.Node | None":

@@ -19,14 +19,7 @@ import onnx_graphsurgeon as gs
 
 from onnxslim_cnn.analysis.channels import ChannelAnalysis
 from onnxslim_cnn.graph import Graph
-
-
-def _const(t) -> "np.ndarray | None":
-    return np.asarray(t.values) if isinstance(t, gs.Constant) else None
-
-
-def _label(node: gs.Node) -> str:
-    return node.name or node.outputs[0].name
+from onnxslim_cnn.graph import constant_value as _const, node_label as _label  # shared helpers
 
 
 class Rewriter:

@@ -12,17 +12,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxslim_cnn.graph import Graph
+from onnxslim_cnn.graph import constant_value as _const, node_label as _label  # shared helpers
 from onnxslim_cnn.pipeline import PassResult
 
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm")
-
-
-def _const(t: "gs.Tensor | None") -> "np.ndarray | None":
-    return np.asarray(t.values) if isinstance(t, gs.Constant) else None
-
-
-def _label(node: gs.Node) -> str:
-    return node.name or (node.outputs[0].name if node.outputs else node.op)
 
 
 def _single_use(graph: Graph, t: gs.Tensor) -> bool:

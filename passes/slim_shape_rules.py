@@ -13,17 +13,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxslim_cnn.graph import Graph
+from onnxslim_cnn.graph import constant_value as _const, node_label as _label  # shared helpers
 from onnxslim_cnn.pipeline import PassResult
 
 INT_TYPES = (np.int32, np.int64)
-
-
-def _const(t) -> "np.ndarray | None":
-    return np.asarray(t.values) if isinstance(t, gs.Constant) else None
-
-
-def _label(node: gs.Node) -> str:
-    return node.name or (node.outputs[0].name if node.outputs else node.op)
 
 
 def _strip_int_casts(t: gs.Tensor) -> gs.Tensor:

@@ -24,6 +24,7 @@ import onnx_graphsurgeon as gs
 from onnxslim_cnn.analysis.activations import capture
 from onnxslim_cnn.errors import UserError
 from onnxslim_cnn.graph import Graph
+from onnxslim_cnn.graph import node_label as _label  # shared helpers
 from onnxslim_cnn.options import option
 from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
 
@@ -211,10 +212,6 @@ class SvdPass(Pass):
             else:
                 out.append(layer)
         return out
-
-
-def _label(node: gs.Node) -> str:
-    return node.name or (node.outputs[0].name if node.outputs else node.op)
 
 
 def _spatially_1x1(x: gs.Tensor) -> bool:

@@ -24,6 +24,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import Graph
+from ..graph import constant_value as _const, node_label as _label  # shared helpers
 
 # Element-wise ops: channel ids pass through unchanged (and variable operands are unified).
 UNARY = {"Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu",
@@ -136,14 +137,6 @@ def _find_all(parent: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- propagation
-
-
-def _const(t) -> "np.ndarray | None":
-    return np.asarray(t.values) if isinstance(t, gs.Constant) else None
-
-
-def _label(node: gs.Node) -> str:
-    return node.name or node.outputs[0].name
 
 
 def _rank(t: gs.Tensor) -> "int | None":
