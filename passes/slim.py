@@ -85,11 +85,6 @@ class SlimPass(Pass):
         return result
 
 
-# Ops that must never be evaluated at compile time: results differ between runs.
-NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
-                    "Multinomial", "Bernoulli"}
-
-
 def fold_constants(graph: Graph, result: PassResult, size_limit: int) -> int:
     """Evaluate all-constant subgraphs with ONNX Runtime (onnx-graphsurgeon's folder).
 
@@ -100,7 +95,7 @@ def fold_constants(graph: Graph, result: PassResult, size_limit: int) -> int:
     try:
         graph.gs.fold_constants(fold_shapes=True, partitioning="recursive", error_ok=True,
                                 size_threshold=size_limit,
-                                should_exclude_node=lambda n: n.op in NONDETERMINISTIC or n.domain not in ("", "ai.onnx", None))
+                                should_exclude_node=lambda n: n.op in rules.NONDETERMINISTIC or n.domain not in ("", "ai.onnx", None))
     except Exception as exc:  # folding is an optimisation: a model it cannot evaluate stays as is
         result.skip("constant folding", f"onnx-graphsurgeon could not fold: {str(exc).splitlines()[0]}")
         return 0

@@ -373,6 +373,7 @@ def fuse_pad_into_conv(graph: Graph, result: PassResult) -> int:
 # --------------------------------------------------------------------------- CSE
 
 
+# Ops whose results differ between runs: never folded at compile time, never merged by CSE.
 NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                     "Multinomial", "Bernoulli"}
 
