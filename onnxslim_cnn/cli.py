@@ -18,6 +18,12 @@ from .errors import UserError
 
 PROG = "onnxslim"
 
+# Subcommands other than "run passes on IN.onnx": name -> ("module", "function"); the function
+# takes the remaining argv and returns the exit code (UserError -> exit 2 as everywhere).
+# Imported only when used, so `onnxslim IN OUT` never pays for them. A model file that is
+# literally named like a subcommand can still be given as ./pack.
+SUBCOMMANDS: "dict[str, tuple[str, str]]" = {}
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> "None":  # one line, exit 2, like every other bad input
@@ -86,6 +92,12 @@ class _Progress:
 
 
 def run(argv: "list[str] | None" = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
+
+        module, function = SUBCOMMANDS[argv[0]]
+        return getattr(importlib.import_module(module), function)(argv[1:])
     args = build_parser().parse_args(argv)
     if args.version:
         from . import __version__
