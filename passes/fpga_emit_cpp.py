@@ -10,6 +10,8 @@ a negative number left is undefined before C++20).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from onnxslim_cnn.fixed_point.ir import FixedFormat, FixedPointModel, Layer, to_hls_name
@@ -256,3 +258,26 @@ def emit_cpp(model: FixedPointModel, reuse_factor: int = 1) -> dict[str, str]:
     if len(model.inputs) == 1 and len(model.outputs) == 1:
         files["model_main.cpp"] = MAIN
     return files
+
+
+def build_and_run(model: FixedPointModel, codes: np.ndarray, workdir: "str | os.PathLike",
+                  compiler: str = "g++", flags: tuple = ("-std=c++17", "-O2", "-Wall", "-Wextra",
+                                                         "-Wno-unknown-pragmas", "-Werror")) -> tuple[np.ndarray, float]:
+    """Emit, compile with ``compiler`` and run the harness on integer input ``codes`` (N, ...);
+    returns (integer outputs (N, ...), mean microseconds per image). For tests and benches."""
+    import subprocess
+    from pathlib import Path
+
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    for name, text in emit_cpp(model).items():
+        (work / name).write_text(text)
+    exe = work / "model_main"
+    subprocess.run([compiler, *flags, "-o", str(exe), str(work / "model.cpp"), str(work / "model_main.cpp")],
+                   check=True, capture_output=True, text=True)
+    n = int(codes.shape[0])
+    np.ascontiguousarray(codes, dtype="<i8").tofile(work / "in.bin")
+    done = subprocess.run([str(exe), str(work / "in.bin"), str(work / "out.bin"), str(n)], check=True,
+                          capture_output=True, text=True)
+    out = np.fromfile(work / "out.bin", dtype="<i8").reshape((n,) + model.tensors[model.outputs[0]].shape)
+    return out, float(done.stdout.split()[1])
