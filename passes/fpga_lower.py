@@ -286,9 +286,16 @@ class _Lowering:
         x = self.src(node.input[0])
         fx = self.tensors[x].fmt
         if node.op_type == "MaxPool":
-            if a.get("ceil_mode", 0) or any(d != 1 for d in a.get("dilations", [1, 1])):
-                raise _fail(node, "ceil_mode=1 or dilation is not supported")
-            attrs = {"kernel": list(a["kernel_shape"]), "stride": list(a.get("strides", [1, 1])), "pads": _pads(node, a)}
+            if any(d != 1 for d in a.get("dilations", [1, 1])):
+                raise _fail(node, "dilation is not supported")
+            k, st, pads = list(a["kernel_shape"]), list(a.get("strides", [1, 1])), _pads(node, a)
+            if a.get("ceil_mode", 0):
+                # ceil_mode: the last window hangs over the end; padding there never wins a max
+                _, h, w = self.tensors[x].shape
+                _, oh, ow = self.shape(out)
+                pads[2] += max((oh - 1) * st[0] + k[0] - (h + pads[0] + pads[2]), 0)
+                pads[3] += max((ow - 1) * st[1] + k[1] - (w + pads[1] + pads[3]), 0)
+            attrs = {"kernel": k, "stride": st, "pads": pads}
             self.ir_of[out] = self.add_tensor(out, self.shape(out), fx, out)
             self.add_layer("maxpool", name, [x], self.ir_of[out], attrs, source=node.name)
             return
