@@ -4,7 +4,7 @@
 The pass leaves the ONNX graph as it is: what it produces is the IR and its per-layer table,
 returned in ``PassResult.artifacts['fpga']`` (a pass never writes files). BatchNormalization is
 folded first by ``slim``; formats come from the activations on the calibration inputs
-(``--calib``), see ``fpga_lower``.
+(``--calib``), see ``fpga_lower``, or, for a ``q8`` (QDQ) input, from its scales (``fpga_qdq``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from onnxslim_cnn.options import option
 from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
 
 from .fpga_lower import LowerConfig, activation_names, check_supported, lower
+from .fpga_qdq import po2_formats, po2_step, strip_qdq
 from .fpga_resources import layer_table
 
 
@@ -37,6 +38,8 @@ class FpgaOptions:
     layer_bits: dict[str, int] = option({}, "per-layer word length by ONNX node name, like hls4ml granularity=name "
                                             "(e.g. conv1:16,fc:8)")
     reuse_factor: int = option(1, "multiplies per multiplier (hls4ml ReuseFactor) for the resource estimate", min=1)
+    po2: bool = option(True, "for a q8 (QDQ) input: take its scales rounded to powers of two (false, integer "
+                             "multiplier + shift, is not implemented)")
 
 
 @dataclasses.dataclass
@@ -64,14 +67,24 @@ class FpgaPass(Pass):
         o = self.options
         result = PassResult()
         model = graph.to_model()
-        if is_quantized(model):
-            raise UserError("fpga: the input is already quantized (QDQ); give the float model, "
-                            "the pass chooses its own fixed-point formats")
-        folded, _ = SlimPass().apply(model)
-        check_supported(folded)
-        acts = ctx.activations(folded, activation_names(folded))
         cfg = LowerConfig(bits=o.bits, weight_bits=o.weight_bits, margin=o.margin, rounding=o.rounding,
                           saturation=o.saturation, layer_bits=dict(o.layer_bits))
+        if is_quantized(model):
+            if not o.po2:
+                raise UserError("fpga: importing QDQ scales as integer multiplier + shift (fpga.po2=false) is not "
+                                "implemented; use fpga.po2=true or give the float model")
+            if any(n.op_type not in ("QuantizeLinear", "DequantizeLinear") and n.op_type.startswith(("QLinear", "Q"))
+                   or n.op_type in ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger") for n in model.graph.node):
+                raise UserError("fpga: only QDQ models (QuantizeLinear/DequantizeLinear pairs, q8's format) are "
+                                "imported, not QOperator or dynamic quantization")
+            folded, ranges, weight_scales = strip_qdq(model)
+            cfg.formats = po2_formats(ranges)
+            cfg.weight_frac = {k: po2_step(v) for k, v in weight_scales.items()}
+            result.count("qdq_formats_imported", len(cfg.formats))
+        else:
+            folded, _ = SlimPass().apply(model)
+        check_supported(folded)
+        acts = ctx.activations(folded, activation_names(folded))
         unknown = sorted(set(cfg.layer_bits) - {n.name for n in folded.graph.node})
         if unknown:
             raise UserError(f"fpga.layer_bits names no node of the (BN-folded) model: {', '.join(unknown)}")

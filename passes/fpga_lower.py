@@ -36,6 +36,9 @@ class LowerConfig:
     rounding: str = "round_half_up"
     saturation: str = "sat"
     layer_bits: dict = field(default_factory=dict)  # ONNX node name -> word length (weights and output)
+    # imported from a QDQ model (fpga_qdq): activation formats by tensor, weight fraction bits by weight tensor
+    formats: dict = field(default_factory=dict)
+    weight_frac: dict = field(default_factory=dict)
 
 
 def _fail(node: onnx.NodeProto, why: str) -> UserError:
@@ -98,6 +101,8 @@ class _Lowering:
         return int(self.cfg.layer_bits.get(node_name, self.cfg.bits))
 
     def activation_format(self, onnx_tensor: str, bits: int) -> FixedFormat:
+        if onnx_tensor in self.cfg.formats:
+            return self.cfg.formats[onnx_tensor]
         x = self.acts[onnx_tensor]
         signed = bool(x.size and float(x.min()) < 0)
         max_abs = float(np.abs(x).max()) if x.size else 0.0
@@ -198,8 +203,12 @@ class _Lowering:
             b = self.const(node, bias_idx)
         if b is None:
             b = np.zeros(w.shape[0])
-        wbits = self.cfg.layer_bits.get(node.name) or self.cfg.weight_bits or self.cfg.bits
-        fw = FixedFormat(True, int(wbits), integer_bits(float(np.abs(w).max()), True))
+        w_int = integer_bits(float(np.abs(w).max()), True)
+        if node.input[1] in self.cfg.weight_frac:
+            fw = FixedFormat(True, max(w_int + self.cfg.weight_frac[node.input[1]], 2), w_int)
+        else:
+            wbits = self.cfg.layer_bits.get(node.name) or self.cfg.weight_bits or self.cfg.bits
+            fw = FixedFormat(True, int(wbits), w_int)
         qw = fw.quantize(w)
         reduction = int(np.prod(w.shape[1:]))
         frac = fx.frac + fw.frac
@@ -317,6 +326,6 @@ def lower(model: onnx.ModelProto, acts: dict[str, np.ndarray], cfg: LowerConfig)
     """``model``: BN folded, only SUPPORTED_OPS; ``acts``: float values of every ``activation_names`` tensor."""
     check_supported(model)
     ir = _Lowering(model, acts, cfg).run()
-    ir.metadata = {"bits": cfg.bits, "weight_bits": cfg.weight_bits or cfg.bits, "margin": cfg.margin,
+    ir.metadata = {"imported_qdq_formats": len(cfg.formats), "bits": cfg.bits, "weight_bits": cfg.weight_bits or cfg.bits, "margin": cfg.margin,
                    "rounding": cfg.rounding, "saturation": cfg.saturation, "layer_bits": dict(cfg.layer_bits)}
     return ir

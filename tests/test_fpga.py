@@ -127,14 +127,40 @@ def test_pass_in_pipeline_keeps_model_and_reports():
     assert ir.tensors["logits"].fmt.width == 16
 
 
-def test_pass_rejects_unknown_layer_and_qdq():
+def test_pass_rejects_unknown_layer():
     src = digits.fixture_path("digits_resnet")
     msg = user_error(lower_model, src, calib=CALIB, options={"layer_bits": "nope:8"})
     assert "names no node" in msg and "nope" in msg
+
+
+def test_q8_model_scales_imported_as_powers_of_two(test_split):
+    from onnx import numpy_helper
+
     from onnxslim_cnn.passes.q8 import Q8Pass
 
+    src = digits.fixture_path("digits_resnet")
     q, _ = Q8Pass().apply(src, calib=CALIB)
-    assert "already quantized" in user_error(lower_model, q, calib=CALIB)
+    low = lower_model(q, calib=CALIB, options={"po2": True})
+    ir = low.ir
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    quantizers = [n for n in q.graph.node if n.op_type == "QuantizeLinear"]
+    checked = 0
+    for n in quantizers:
+        scale, zp = float(inits[n.input[1]]), int(inits[n.input[2]])
+        t = ir.tensors.get(n.input[0]) or ir.tensors.get(n.input[0].replace("_QuantizeLinear_Input", ""))
+        if t is None:
+            continue
+        step = 2.0 ** -t.fmt.frac
+        assert scale <= step < 2 * scale, (t.name, scale, step)  # the power of two just above the q8 step
+        assert t.fmt.signed == (zp != 0) and t.fmt.width <= 9
+        checked += 1
+    assert checked >= 10
+    # the Relu that ORT folded into u8 quantizers is back, applied on the accumulator
+    assert sum(l.op == "relu" for l in ir.layers) == sum(n.op_type == "Relu" for n in onnx.load(src).graph.node)
+    x, y = test_split
+    logits = run_float(ir, {ir.inputs[0]: x})[ir.outputs[0]]
+    assert float((logits.argmax(1) == y).mean()) >= digits.evaluate_top1(src) - 0.01
+    assert "not implemented" in user_error(lower_model, q, calib=CALIB, options={"po2": False})
 
 
 def test_cli_writes_everything(tmp_path, capsys):
