@@ -122,7 +122,19 @@ def main() -> None:
             doc = one(name, bits, x, y, x_cpp, ref_logits, x_train[:256])
             doc["ort_float_us_per_image_1thread"] = round(ort_us, 1)
             results.append(doc)
-    emit({"bench": "fpga", "machine": machine(), "calibration": CALIB, "test_images": int(len(x)),
+    # q8 (QDQ, ORT quantize_static, calibrated on the same file) -> fpga with its scales as powers of two
+    from onnxslim_cnn.passes.q8 import Q8Pass
+
+    q8_import = []
+    for name in digits.FIXTURES:
+        q, _ = Q8Pass().apply(digits.fixture_path(name), calib=CALIB)
+        low = lower_model(q, calib=CALIB, options={"po2": True})
+        logits = run_float(low.ir, {low.ir.inputs[0]: x})[low.ir.outputs[0]]
+        widths = sorted({t.fmt.width for t in low.ir.tensors.values() if not t.name.endswith(("_acc", "_act", "_sum"))})
+        q8_import.append({"model": name, "top1_float": digits.evaluate_top1(digits.fixture_path(name)),
+                          "top1_q8_ort": digits.evaluate_top1(q), "top1_fpga_po2_from_q8": float((logits.argmax(1) == y).mean()),
+                          "activation_widths": widths, "total_weight_bits": sum(r["weight_bits"] for r in low.table)})
+    emit({"bench": "fpga", "q8_po2_import": q8_import, "machine": machine(), "calibration": CALIB, "test_images": int(len(x)),
           "results": results}, args.out)
 
 
