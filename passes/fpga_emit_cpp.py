@@ -51,10 +51,25 @@ def _array(name: str, values: np.ndarray, fmt: FixedFormat) -> str:
     return f"constexpr {ctype(fmt)} {name}[{flat.size}] = {{\n  {body}}};\n"
 
 
+def _unique(names: dict[str, str]) -> dict[str, str]:
+    seen: set[str] = set()
+    out = {}
+    for key, ident in names.items():
+        cand, k = ident, 1
+        while cand in seen:
+            cand, k = f"{ident}_{k}", k + 1
+        seen.add(cand)
+        out[key] = cand
+    return out
+
+
 class _Emitter:
     def __init__(self, model: FixedPointModel, reuse_factor: int):
         self.m, self.reuse = model, reuse_factor
-        self.ident = {t: f"t_{to_hls_name(t)}" for t in model.tensors}
+        # distinct ONNX names can map to one C identifier ("a.b", "a_b"): number the repeats
+        self.ident = _unique({t: f"t_{to_hls_name(t)}" for t in model.tensors})
+        self.fns = _unique({l.name: f"layer_{to_hls_name(l.name)}" for l in model.layers})
+        self.base = {l.name: self.fns[l.name][len("layer_"):] for l in model.layers}
 
     def sig(self, layer: Layer) -> str:
         ins = ", ".join(f"const {ctype(self.m.tensors[i].fmt)} in{k}[{self.m.tensors[i].size}]"
@@ -63,14 +78,14 @@ class _Emitter:
         return f"static void {self.fn(layer)}({ins}, {ctype(out.fmt)} out[{out.size}])"
 
     def fn(self, layer: Layer) -> str:
-        return f"layer_{to_hls_name(layer.name)}"
+        return self.fns[layer.name]
 
     def weights(self, layer: Layer) -> str:
         if layer.op not in ("conv2d", "dense"):
             return ""
         wf = FixedFormat(**layer.attrs["weight_format"])
         acc = self.m.tensors[layer.output].fmt
-        base = to_hls_name(layer.name)
+        base = self.base[layer.name]
         return (f"// {layer.name}: weights {wf.hls()}, bias at the accumulator's {acc.hls()}\n"
                 + _array(f"w_{base}", layer.weights["weight"], wf) + _array(f"b_{base}", layer.weights["bias"], acc))
 
@@ -79,7 +94,7 @@ class _Emitter:
         a, out = layer.attrs, t[layer.output]
         x = t[layer.inputs[0]]
         acc_t = "int64_t" if out.fmt.width > 32 else "int32_t"
-        base = to_hls_name(layer.name)
+        base = self.base[layer.name]
         pipe = f"#pragma HLS PIPELINE II={self.reuse}"
         if layer.op == "conv2d":
             c, h, w = x.shape

@@ -101,8 +101,8 @@ def _ops_model():
         h.make_node("Add", ["c2", "r1"], ["s"], name="res"),
         h.make_node("MaxPool", ["s"], ["p1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], name="mp"),
         h.make_node("AveragePool", ["r1"], ["p2"], kernel_shape=[3, 3], strides=[2, 2], name="ap"),
-        h.make_node("Conv", ["p1", "w3", "b3"], ["c3"], name="conv3"),  # k2 on 4x4 -> 3x3
-        h.make_node("Relu", ["c3"], ["r3"], name="relu3"),
+        h.make_node("Conv", ["p1", "w3", "b3"], ["c3"], name="conv.3"),  # k2 on 4x4 -> 3x3
+        h.make_node("Relu", ["c3"], ["r3"], name="conv_3"),  # same C identifier as "conv.3"
         h.make_node("Concat", ["r3", "p2"], ["cat"], axis=1, name="cat"),
         h.make_node("GlobalAveragePool", ["cat"], ["g"], name="gap"),
         h.make_node("Flatten", ["g"], ["f"], name="flat"),
@@ -156,3 +156,11 @@ def test_serialisation_round_trip_and_determinism(tmp_path):
     assert np.array_equal(simulate(back, {"x": codes})["y"], simulate(ir, {"x": codes})["y"])
     again = lower_model(model, calib={"x": x}, options={"bits": 8}).ir
     assert again.to_json() == ir.to_json() and again.weights_npz() == ir.weights_npz()
+
+
+def test_too_wide_accumulator_names_the_layer():
+    x = np.random.default_rng(4).normal(size=(4, 3, 8, 8)).astype(np.float32)
+    from graphs import user_error
+
+    msg = user_error(lower_model, _ops_model(), calib={"x": x}, options={"bits": 32})
+    assert msg.startswith("fpga: cannot lower node 'conv1' (Conv): accumulator needs"), msg

@@ -55,8 +55,10 @@ class FixedFormat:
     integer: int
 
     def __post_init__(self):
-        if not 1 <= self.width <= 64:
-            raise ValueError(f"fixed-point width {self.width} outside 1..64")
+        # ap_fixed allows up to 1024 bits; the 62-bit limit of int64 arithmetic is checked where
+        # accumulators are made, with a message naming the layer
+        if not 1 <= self.width <= 1024:
+            raise ValueError(f"fixed-point width {self.width} outside 1..1024")
 
     @property
     def frac(self) -> int:
