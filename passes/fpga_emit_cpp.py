@@ -101,10 +101,24 @@ class _Emitter:
             o, oh, ow = out.shape
             kh, kw = a["kernel"]
             sh, sw = a["stride"]
-            pt, pl = a["pads"][0], a["pads"][1]
+            pt, pl, pb, pr = a["pads"]
             g = a["groups"]
             cg, og = c // g, o // g
-            return f"""\
+            hp, wp = h + pt + pb, w + pl + pr
+            xt = ctype(x.fmt)
+            # a zero-bordered copy (what an HLS line buffer holds) keeps the MAC loop free of bounds tests
+            pad = "" if not any(a["pads"]) else f"""\
+  static {xt} padded[{c * hp * wp}];
+  for (int i = 0; i < {c * hp * wp}; ++i) padded[i] = 0;
+  for (int ch = 0; ch < {c}; ++ch)
+    for (int y = 0; y < {h}; ++y)
+      for (int x = 0; x < {w}; ++x) {{
+{pipe}
+        padded[(ch * {hp} + y + {pt}) * {wp} + x + {pl}] = in0[(ch * {h} + y) * {w} + x];
+      }}
+"""
+            src = "padded" if pad else "in0"
+            return pad + f"""\
   for (int co = 0; co < {o}; ++co) {{
     const int g = co / {og};
     for (int oy = 0; oy < {oh}; ++oy) {{
@@ -113,11 +127,9 @@ class _Emitter:
         {acc_t} acc = b_{base}[co];
         for (int ci = 0; ci < {cg}; ++ci)
           for (int ky = 0; ky < {kh}; ++ky)
-            for (int kx = 0; kx < {kw}; ++kx) {{
-              const int iy = oy * {sh} - {pt} + ky, ix = ox * {sw} - {pl} + kx;
-              if (iy >= 0 && iy < {h} && ix >= 0 && ix < {w})
-                acc += ({acc_t})in0[((g * {cg} + ci) * {h} + iy) * {w} + ix] * ({acc_t})w_{base}[((co * {cg} + ci) * {kh} + ky) * {kw} + kx];
-            }}
+            for (int kx = 0; kx < {kw}; ++kx)
+              acc += ({acc_t}){src}[((g * {cg} + ci) * {hp} + oy * {sh} + ky) * {wp} + ox * {sw} + kx]
+                     * ({acc_t})w_{base}[((co * {cg} + ci) * {kh} + ky) * {kw} + kx];
         out[(co * {oh} + oy) * {ow} + ox] = acc;
       }}
     }}
