@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 
 from onnxslim_cnn.errors import UserError
@@ -49,6 +50,7 @@ class FpgaLowering:
     ir: FixedPointModel
     folded: object  # onnx.ModelProto
     table: list[dict]
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 @register_pass
@@ -100,8 +102,15 @@ class FpgaPass(Pass):
 
 def lower_model(model, *, calib=None, options: "dict | None" = None, input_shapes=None, seed: int = 0) -> FpgaLowering:
     """API: run the fpga pass on a model (path or ModelProto) and return its lowering."""
-    _, result = FpgaPass(options).apply(model, calib=calib, input_shapes=input_shapes, seed=seed)
-    return result.artifacts["fpga"]
+    from onnxslim_cnn.graph import load_model
+    from onnxslim_cnn.pipeline import PassContext
+
+    original = load_model(model)
+    ctx = PassContext(original, calib=calib, input_shapes=input_shapes, seed=seed)
+    result = FpgaPass(options).run(Graph.from_model(original), ctx)
+    lowering = result.artifacts["fpga"]
+    lowering.warnings = list(ctx.warnings)
+    return lowering
 
 
 def output_files(lowering: FpgaLowering, reuse_factor: int = 1) -> dict[str, bytes]:
@@ -149,6 +158,8 @@ def main(argv: "list[str]") -> int:
     reuse = FpgaPass(options).options.reuse_factor
     for name, data in output_files(lowering, reuse).items():
         write_atomic(out / name, data)
+    for warning in lowering.warnings:
+        print(f"onnxslim fpga: warning: {warning}", file=sys.stderr)
     if not args.quiet:
         print(format_table(lowering.table))
         print(f"\nwrote {out}/: model.json, weights.npz, model.h, model.cpp, model_main.cpp, hls4ml_config.yaml, resources.json")

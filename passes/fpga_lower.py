@@ -79,6 +79,7 @@ class _Lowering:
         self.names: set[str] = set()
         self.ir_of: dict[str, str] = {}  # ONNX tensor -> IR tensor holding its value
         self.absorbed: set[int] = set()
+        self.order = {id(n): i for i, n in enumerate(model.graph.node)}
 
     # ------------------------------------------------------------------ helpers
 
@@ -233,14 +234,13 @@ class _Lowering:
     def finish(self, node, idx: int, fmt: FixedFormat, acc: str) -> None:
         """Absorb a Relu/Clip chain that alone reads the accumulator, then requant to the activation format."""
         onnx_out, last = node.output[0], node
-        order = {id(n): i for i, n in enumerate(self.model.graph.node)}
         while onnx_out not in self.graph_outputs:
             users = self.consumers.get(onnx_out, [])
             if len(users) != 1 or users[0].op_type not in _ACTIVATIONS:
                 break
             act = users[0]
             acc = self.activation(act, acc, fmt, act.output[0])
-            self.absorbed.add(order[id(act)])
+            self.absorbed.add(self.order[id(act)])
             onnx_out, last = act.output[0], act
         target = self.activation_format(onnx_out, self.bits_for(node.name))
         attrs = {"multiplier": 1, "shift": fmt.frac - target.frac, "rounding": self.cfg.rounding,

@@ -194,3 +194,9 @@ def test_cli_unsupported_model_writes_nothing(tmp_path, capsys):
     assert not out.exists()
     assert main(["fpga", str(path), str(out), "--set", "fpga.bitz=8"]) == 2
     assert "unknown option 'fpga.bitz'" in capsys.readouterr().err
+
+
+def test_cli_warns_without_calibration(tmp_path, capsys):
+    assert main(["fpga", str(digits.fixture_path("digits_resnet")), str(tmp_path / "o"), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: no --calib given" in err
