@@ -9,7 +9,6 @@ folded first by ``slim``; formats come from the activations on the calibration i
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math

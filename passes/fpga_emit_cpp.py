@@ -159,12 +159,13 @@ class _Emitter:
             return code
         if layer.op in ("relu", "clip", "flatten"):
             lo, hi = (0, None) if layer.op == "relu" else (a["lo"], a["hi"]) if layer.op == "clip" else (None, None)
-            v = "(int64_t)in0[i]"
-            if lo is not None:
-                v = f"({v} < {lo} ? (int64_t){lo} : {v})"
-            if hi is not None:
-                v = f"({v} > {hi} ? (int64_t){hi} : {v})"
-            return f"  for (int i = 0; i < {out.size}; ++i) {{\n{pipe}\n    out[i] = ({ctype(out.fmt)}){v};\n  }}\n"
+            body = "    int64_t v = in0[i];\n"
+            # a bound the input type cannot cross is left out (-Wtype-limits, and nothing to do)
+            if lo is not None and lo > x.fmt.min_int:
+                body += f"    if (v < {lo}LL) v = {lo}LL;\n"
+            if hi is not None and hi < x.fmt.max_int:
+                body += f"    if (v > {hi}LL) v = {hi}LL;\n"
+            return f"  for (int i = 0; i < {out.size}; ++i) {{\n{pipe}\n{body}    out[i] = ({ctype(out.fmt)})v;\n  }}\n"
         if layer.op in ("maxpool", "avgpool", "global_avgpool"):
             c, h, w = x.shape
             _, oh, ow = out.shape

@@ -233,15 +233,17 @@ class _Lowering:
 
     def finish(self, node, idx: int, fmt: FixedFormat, acc: str) -> None:
         """Absorb a Relu/Clip chain that alone reads the accumulator, then requant to the activation format."""
-        onnx_out, last = node.output[0], node
+        onnx_out = node.output[0]
+        # a pool's accumulator is count x the mean: relu commutes with that scale, a clip does not
+        absorbable = ("Relu",) if node.op_type in ("AveragePool", "GlobalAveragePool") else _ACTIVATIONS
         while onnx_out not in self.graph_outputs:
             users = self.consumers.get(onnx_out, [])
-            if len(users) != 1 or users[0].op_type not in _ACTIVATIONS:
+            if len(users) != 1 or users[0].op_type not in absorbable:
                 break
             act = users[0]
             acc = self.activation(act, acc, fmt, act.output[0])
             self.absorbed.add(self.order[id(act)])
-            onnx_out, last = act.output[0], act
+            onnx_out = act.output[0]
         target = self.activation_format(onnx_out, self.bits_for(node.name))
         attrs = {"multiplier": 1, "shift": fmt.frac - target.frac, "rounding": self.cfg.rounding,
                  "saturation": self.cfg.saturation}

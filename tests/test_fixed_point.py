@@ -104,12 +104,14 @@ def _ops_model():
         h.make_node("Conv", ["p1", "w3", "b3"], ["c3"], name="conv.3"),  # k2 on 4x4 -> 3x3
         h.make_node("Relu", ["c3"], ["r3"], name="conv_3"),  # same C identifier as "conv.3"
         h.make_node("Concat", ["r3", "p2"], ["cat"], axis=1, name="cat"),
-        h.make_node("GlobalAveragePool", ["cat"], ["g"], name="gap"),
+        h.make_node("GlobalAveragePool", ["cat"], ["g0"], name="gap"),
+        h.make_node("Clip", ["g0", "lo", "cap"], ["g"], name="gap_clip"),  # on the mean, not the pool's sum
         h.make_node("Flatten", ["g"], ["f"], name="flat"),
         h.make_node("Gemm", ["f", "wf", "bf"], ["y"], transB=1, name="fc"),
     ]
     inits = [init("w1", rng.normal(size=(4, 3, 3, 3)) * 0.4), init("b1", rng.normal(size=4)),
              init("lo", np.array(0.0, np.float32)), init("hi", np.array(6.0, np.float32)),
+             init("cap", np.array(0.75, np.float32)),
              init("w2", rng.normal(size=(4, 1, 3, 3)) * 0.5),
              init("w3", rng.normal(size=(5, 4, 2, 2)) * 0.3), init("b3", rng.normal(size=5)),
              init("wf", rng.normal(size=(3, 9))), init("bf", rng.normal(size=3))]
