@@ -181,6 +181,10 @@ def test_cli_writes_everything(tmp_path, capsys):
     res = json.loads((out / "resources.json").read_text())
     fc = next(r for r in res["layers"] if r["layer"] == "fc")
     assert fc["macs"] == 640 and fc["multipliers"] == 160 and fc["weight_bits"] == 640 * 8 + 10 * fc["accumulator_bits"]
+    again = tmp_path / "again"
+    assert main(["fpga", str(digits.fixture_path("digits_resnet")), str(again), "--calib", CALIB, "-q",
+                 "--set", "fpga.bits=8", "--set", "fpga.reuse_factor=4"]) == 0
+    assert all((out / p.name).read_bytes() == p.read_bytes() for p in again.iterdir())  # same bytes
 
 
 def test_cli_unsupported_model_writes_nothing(tmp_path, capsys):
