@@ -38,6 +38,9 @@ class PassResult:
     changes: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    # Objects a pass produces besides the graph (e.g. fpga's fixed-point IR), for the API/CLI to
+    # use or write; never serialised into the report.
+    artifacts: dict[str, Any] = field(default_factory=dict)
 
     def change(self, item: str, action: str, **details: Any) -> None:
         self.changed = True

@@ -1,6 +1,7 @@
 """Built-in passes (installed as ``onnxslim_cnn.passes``); importing this registers them."""
 
 from .fp16 import Fp16Pass
+from .fpga import FpgaPass
 from .lowrank import LowrankPass
 from .prune import PrunePass
 from .q8 import Q8Pass
@@ -8,4 +9,4 @@ from .slim import SlimPass
 from .sparsify import SparsifyPass
 from .svd import SvdPass
 
-__all__ = ["Fp16Pass", "LowrankPass", "PrunePass", "Q8Pass", "SlimPass", "SparsifyPass", "SvdPass"]
+__all__ = ["Fp16Pass", "FpgaPass", "LowrankPass", "PrunePass", "Q8Pass", "SlimPass", "SparsifyPass", "SvdPass"]
