@@ -4,8 +4,9 @@ from .fp16 import Fp16Pass
 from .lowrank import LowrankPass
 from .prune import PrunePass
 from .q8 import Q8Pass
+from .share import SharePass
 from .slim import SlimPass
 from .sparsify import SparsifyPass
 from .svd import SvdPass
 
-__all__ = ["Fp16Pass", "LowrankPass", "PrunePass", "Q8Pass", "SlimPass", "SparsifyPass", "SvdPass"]
+__all__ = ["Fp16Pass", "LowrankPass", "PrunePass", "Q8Pass", "SharePass", "SlimPass", "SparsifyPass", "SvdPass"]
