@@ -22,7 +22,10 @@ PROG = "onnxslim"
 # takes the remaining argv and returns the exit code (UserError -> exit 2 as everywhere).
 # Imported only when used, so `onnxslim IN OUT` never pays for them. A model file that is
 # literally named like a subcommand can still be given as ./pack.
-SUBCOMMANDS: "dict[str, tuple[str, str]]" = {}
+SUBCOMMANDS: "dict[str, tuple[str, str]]" = {
+    "pack": ("onnxslim_cnn.pack_cli", "pack_main"),
+    "unpack": ("onnxslim_cnn.pack_cli", "unpack_main"),
+}
 
 
 class _Parser(argparse.ArgumentParser):
