@@ -10,6 +10,11 @@ With ``refit=true`` the surviving weights of each layer are refitted by ridge le
 calibration activations of the dense model so that the layer's outputs match the dense layer's:
 per output channel, on the unmasked inputs only (the mask is kept, so sparsity is unchanged).
 Gemm/MatMul use the activations directly, Conv (groups=1) goes through im2col.
+
+``mode=sensitivity`` finds each layer's ratio instead: the largest one (up to ``max_ratio``)
+whose pruning, with the refit when ``refit=true``, keeps the model outputs within ``budget``
+(relative L2 error to the dense model on the calibration inputs) when that layer alone is
+pruned; see ``sparsify_search``. ``layer_ratio`` still fixes the ratio of the layers it names.
 """
 
 from __future__ import annotations
@@ -43,6 +48,12 @@ class SparsifyOptions:
                                 "calibration activations (per output channel)")
     ridge: float = option(1e-3, "ridge term of the refit, relative to the mean Gram diagonal", min=0.0)
     refit_max_features: int = option(4096, "skip the refit of layers with more inputs per output channel", min=1)
+    mode: Literal["ratio", "sensitivity"] = option(
+        "ratio", "ratio: the ratio/scope above; sensitivity: per layer, the largest ratio that keeps the "
+                 "outputs within budget when that layer alone is pruned (binary search on calibration data)")
+    budget: float = option(0.05, "sensitivity: relative L2 error of the outputs allowed per layer", min=0.0)
+    max_ratio: float = option(0.99, "sensitivity: largest ratio tried", min=0.0, max=1.0)
+    search_steps: int = option(8, "sensitivity: binary-search halvings per layer", min=1, max=30)
 
 
 @dataclasses.dataclass
@@ -64,7 +75,7 @@ class SparsifyPass(Pass):
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
-        return bool(self.options.refit)
+        return bool(self.options.refit) or self.options.mode == "sensitivity"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
@@ -84,6 +95,13 @@ class SparsifyPass(Pass):
                 layer.ratio = float(o.layer_ratio[name])
             elif o.scope == "layer":
                 layer.ratio = o.ratio
+        acts = _refit_inputs(graph, ctx, layers, o, result) if o.refit else {}
+        searched = {}
+        if o.mode == "sensitivity":
+            searched = _sensitivity(graph, ctx, [la for la in layers if la.node.name not in o.layer_ratio], acts, o)
+            for layer in layers:
+                if layer.node.name in searched:
+                    layer.ratio = searched[layer.node.name][0]
         # masks: per-layer ratios exactly, global ranking over the rest
         for layer in layers:
             if layer.ratio is not None:
@@ -97,10 +115,6 @@ class SparsifyPass(Pass):
                 n = layer.values.size
                 layer.mask = keep[start:start + n].reshape(layer.values.shape)
                 start += n
-
-        acts = {}
-        if o.refit:
-            acts = _refit_inputs(graph, ctx, layers, o, result)
 
         total = zeros = 0
         for layer in layers:
@@ -118,8 +132,11 @@ class SparsifyPass(Pass):
                 result.skip(name, "no weight below the threshold")
                 continue
             graph.replace_constant(layer.node, _weight_index(layer.node), new)
+            extra = {}
+            if name in searched:
+                extra = {"ratio": searched[name][0], "search_error": round(searched[name][1], 6)}
             result.change(name, "sparsified", zeros=nz, total=int(new.size),
-                          sparsity=round(nz / new.size, 6))
+                          sparsity=round(nz / new.size, 6), **extra)
         result.stats["weights"] = total
         result.stats["zeros"] = zeros
         result.stats["sparsity"] = round(zeros / total, 6) if total else 0.0
@@ -177,6 +194,22 @@ def _mask_smallest(mags: np.ndarray, ratio: float) -> np.ndarray:
     if k > 0:
         keep[np.argsort(mags, kind="stable")[:k]] = False
     return keep
+
+
+def _sensitivity(graph: Graph, ctx: PassContext, layers: list[_Layer], acts: dict, o: SparsifyOptions) -> dict:
+    from .sparsify_search import search_ratios
+
+    def prune(layer: _Layer, ratio: float) -> np.ndarray:
+        layer.mask = _mask_smallest(np.abs(layer.values).ravel(), ratio).reshape(layer.values.shape)
+        new = np.where(layer.mask, layer.values, 0).astype(layer.values.dtype)
+        if layer.node.name in acts:
+            refitted = _refit(layer, acts[layer.node.name], o.ridge, ctx.seed)
+            if refitted is not None:
+                new = refitted
+        return new
+
+    base = graph.to_model()  # every weight an initializer named like its gs constant
+    return search_ratios(base, ctx.calibration, layers, o.budget, o.max_ratio, o.search_steps, prune)
 
 
 # --------------------------------------------------------------------------- refit
