@@ -10,7 +10,7 @@ output is the input file byte for byte (checked against a SHA-256 of the input).
 
 Format (version 1), all integers little-endian, documented in docs/container.md::
 
-    magic "ONNXSLMZ" | u16 version | u32 header length | header (UTF-8 JSON) | data | sha256
+    magic "ONNXSLMZ" | u16 version | u32 header length | header (zlib of UTF-8 JSON) | data | sha256
 """
 
 from __future__ import annotations
@@ -117,7 +117,8 @@ def pack_bytes(model_bytes: bytes, index_bits: int = 0, min_size: int = 256) -> 
     header = {"format": "onnxslim-cnn container", "model": model_blob, "model_bytes": len(model_bytes),
               "model_sha256": hashlib.sha256(model_bytes).hexdigest(), "data_length": offset,
               "tensors": [p.record for p in plans]}
-    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    # ~300 bytes of JSON per tensor: zlib halves it, which matters on a 40 KB container
+    head = zlib.compress(json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8"), 9)
     body = PREFIX.pack(MAGIC, VERSION, len(head)) + head + b"".join(blobs)
     return body + hashlib.sha256(body).digest(), plans
 
@@ -246,7 +247,7 @@ def unpack_bytes(blob: bytes, label: str = "container") -> bytes:
     if len(blob) < PREFIX.size + head_len:
         raise UserError(f"{label}: truncated container ({len(blob)} bytes, header alone needs {PREFIX.size + head_len})")
     try:
-        header = json.loads(blob[PREFIX.size:PREFIX.size + head_len].decode("utf-8"))
+        header = json.loads(zlib.decompress(blob[PREFIX.size:PREFIX.size + head_len]).decode("utf-8"))
         data_length = int(header["data_length"])
     except Exception:
         header, data_length = None, None
