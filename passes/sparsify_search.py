@@ -43,7 +43,7 @@ def search_ratios(base: onnx.ModelProto, calib, layers: list, budget: float, max
         original = onnx.TensorProto()
         original.CopyFrom(work.graph.initializer[i])
 
-        def error(ratio: float) -> float:
+        def error(ratio: float, layer=layer, i=i) -> float:
             new = prune(layer, ratio)
             work.graph.initializer[i].CopyFrom(numpy_helper.from_array(new, layer.weight.name))
             return float(np.linalg.norm(_outputs(work, calib) - dense)) / norm
