@@ -24,6 +24,7 @@ from typing import Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
+import scipy.linalg
 
 from onnxslim_cnn.graph import Graph
 from onnxslim_cnn.options import option
@@ -199,11 +200,16 @@ def _mask_smallest(mags: np.ndarray, ratio: float) -> np.ndarray:
 def _sensitivity(graph: Graph, ctx: PassContext, layers: list[_Layer], acts: dict, o: SparsifyOptions) -> dict:
     from .sparsify_search import search_ratios
 
+    systems: dict[str, tuple] = {}  # the refit's normal equations depend on the layer, not the ratio
+
     def prune(layer: _Layer, ratio: float) -> np.ndarray:
         layer.mask = _mask_smallest(np.abs(layer.values).ravel(), ratio).reshape(layer.values.shape)
         new = np.where(layer.mask, layer.values, 0).astype(layer.values.dtype)
-        if layer.node.name in acts:
-            refitted = _refit(layer, acts[layer.node.name], o.ridge, ctx.seed)
+        name = layer.node.name
+        if name in acts:
+            if name not in systems:
+                systems[name] = _refit_system(layer, acts[name], o.ridge, ctx.seed)
+            refitted = _refit(layer, acts[name], o.ridge, ctx.seed, systems[name])
             if refitted is not None:
                 new = refitted
         return new
@@ -250,30 +256,19 @@ def _refit_inputs(graph: Graph, ctx: PassContext, layers: list[_Layer], o: Spars
     return {layer: values[t] for layer, t in wanted.items()}
 
 
-def _refit(layer: _Layer, x: np.ndarray, ridge: float, seed: int) -> "np.ndarray | None":
-    """Refitted sparse weight (same layout and mask), or None when the layer cannot be refitted."""
+def _refit(layer: _Layer, x: np.ndarray, ridge: float, seed: int,
+           system: "tuple | None" = None) -> "np.ndarray | None":
+    """Refitted sparse weight (same layout and mask), or None when the layer cannot be refitted.
+
+    ``system``: the layer's ``_refit_system`` when already computed (the sensitivity search
+    refits one layer at many ratios)."""
     node, w, mask = layer.node, layer.values, layer.mask
-    if node.op == "Conv":
-        nd = w.ndim - 2
-        attrs = node.attrs
-        cols = im2col(x.astype(np.float64), tuple(w.shape[2:]), list(attrs.get("pads", [0] * (2 * nd))),
-                      list(attrs.get("strides", [1] * nd)), list(attrs.get("dilations", [1] * nd)))
-        A = cols.reshape(-1, cols.shape[-1])
-        if len(A) > MAX_ROWS:
-            A = A[np.random.default_rng(seed).choice(len(A), MAX_ROWS, replace=False)]
-        wf = w.reshape(w.shape[0], -1).T.astype(np.float64)  # [C*k, O]
-        mf = mask.reshape(w.shape[0], -1).T
-    else:
-        A = x.reshape(-1, x.shape[-1]).astype(np.float64)
-        transposed = node.op == "Gemm" and int(node.attrs.get("transB", 0))
-        wf = (w.T if transposed else w).astype(np.float64)  # [K, O]
-        mf = mask.T if transposed else mask
-        if A.shape[1] != wf.shape[0]:
-            return None
-    target = A @ wf  # bias unchanged: the dense and sparse layers share it
-    gram = A.T @ A
-    lam = ridge * float(np.mean(np.diag(gram))) if len(gram) else 0.0
-    rhs = A.T @ target  # [K, O]
+    system = system if system is not None else _refit_system(layer, x, ridge, seed)
+    if system is None:
+        return None
+    gram, rhs, lam, wf = system
+    transposed = node.op == "Gemm" and int(node.attrs.get("transB", 0))
+    mf = mask.reshape(w.shape[0], -1).T if node.op == "Conv" else (mask.T if transposed else mask)
     # inputs never active on the calibration data carry no information: their weights are kept
     silent = np.diag(gram) <= 0
     new = np.where(mf, wf, 0.0)
@@ -284,10 +279,36 @@ def _refit(layer: _Layer, x: np.ndarray, ridge: float, seed: int) -> "np.ndarray
         g = gram[np.ix_(keep, keep)]
         g[np.diag_indices_from(g)] += lam
         # the silent inputs' fixed weights contribute nothing on this data, so the target is unchanged
-        try:
-            new[keep, j] = np.linalg.solve(g, rhs[keep, j])
+        try:  # gram + ridge is symmetric positive definite: Cholesky, half the work of LU
+            new[keep, j] = scipy.linalg.solve(g, rhs[keep, j], assume_a="pos", check_finite=False)
         except np.linalg.LinAlgError:
             pass
     if node.op == "Conv":
         return new.T.reshape(w.shape).astype(w.dtype)
     return (new.T if transposed else new).astype(w.dtype)
+
+
+def _refit_system(layer: _Layer, x: np.ndarray, ridge: float, seed: int) -> "tuple | None":
+    """Normal equations of the refit, independent of the mask: (gram, rhs, ridge term, dense W
+    as [inputs, outputs]); None when the activations do not match the weight."""
+    node, w = layer.node, layer.values
+    if node.op == "Conv":
+        nd = w.ndim - 2
+        attrs = node.attrs
+        cols = im2col(x.astype(np.float64), tuple(w.shape[2:]), list(attrs.get("pads", [0] * (2 * nd))),
+                      list(attrs.get("strides", [1] * nd)), list(attrs.get("dilations", [1] * nd)))
+        A = cols.reshape(-1, cols.shape[-1])
+        if len(A) > MAX_ROWS:
+            A = A[np.random.default_rng(seed).choice(len(A), MAX_ROWS, replace=False)]
+        wf = w.reshape(w.shape[0], -1).T.astype(np.float64)  # [C*k, O]
+    else:
+        A = x.reshape(-1, x.shape[-1]).astype(np.float64)
+        transposed = node.op == "Gemm" and int(node.attrs.get("transB", 0))
+        wf = (w.T if transposed else w).astype(np.float64)  # [K, O]
+        if A.shape[1] != wf.shape[0]:
+            return None
+    target = A @ wf  # bias unchanged: the dense and sparse layers share it
+    gram = A.T @ A
+    lam = ridge * float(np.mean(np.diag(gram))) if len(gram) else 0.0
+    rhs = A.T @ target  # [K, O]
+    return gram, rhs, lam, wf
