@@ -72,6 +72,8 @@ def pack_bytes(model_bytes: bytes, index_bits: int = 0, min_size: int = 256) -> 
         model = onnx.load_from_string(model_bytes)
     except Exception as exc:
         raise UserError(f"not a readable ONNX model ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})") from None
+    if not model.graph.node and not model.graph.output:  # protobuf parses many byte strings as an empty model
+        raise UserError("not an ONNX model (no graph found; truncated or wrong file type?)")
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
         raise UserError("pack needs a self-contained .onnx file (this model keeps its weights in external data)")
     context = _tensor_context(model)
@@ -329,7 +331,10 @@ def pack_file(src: "str | Path", dst: "str | Path", index_bits: int = 0) -> tupl
     from .files import write_atomic
 
     data = _read(src, "input model")
-    blob, plans = pack_bytes(data, index_bits=index_bits)
+    try:
+        blob, plans = pack_bytes(data, index_bits=index_bits)
+    except UserError as exc:
+        raise UserError(f"{src}: {exc}") from None
     if unpack_bytes(blob, str(dst)) != data:  # never write a container that does not round-trip
         raise RuntimeError("packed container does not restore the input")
     write_atomic(dst, blob)

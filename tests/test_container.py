@@ -123,6 +123,9 @@ def test_bad_containers_one_line_exit_2(shared_vgg, tmp_path, capsys, kind, expe
 
 def test_pack_bad_inputs(tmp_path, capsys):
     (tmp_path / "junk.onnx").write_bytes(b"\x01\x02 not a model")
+    (tmp_path / "text.onnx").write_bytes(b"")  # parses as an empty ModelProto
+    with pytest.raises(onnxslim_cnn.UserError, match="not an ONNX model"):
+        container.pack_bytes((tmp_path / "text.onnx").read_bytes())
     assert _cli("pack", tmp_path / "junk.onnx", tmp_path / "o.onnxz") == 2
     assert _cli("pack", tmp_path / "missing.onnx", tmp_path / "o.onnxz") == 2
     assert _cli("pack", digits.fixture_path("digits_vgg"), tmp_path / "o.onnxz", "--index-bits", "13") == 2
