@@ -24,6 +24,8 @@ PROG = "onnxslim"
 # literally named like a subcommand can still be given as ./pack.
 SUBCOMMANDS: "dict[str, tuple[str, str]]" = {
     "fpga": ("onnxslim_cnn.passes.fpga", "main"),
+    "pack": ("onnxslim_cnn.pack_cli", "pack_main"),
+    "unpack": ("onnxslim_cnn.pack_cli", "unpack_main"),
 }
 
 

@@ -5,8 +5,10 @@ from .fpga import FpgaPass
 from .lowrank import LowrankPass
 from .prune import PrunePass
 from .q8 import Q8Pass
+from .share import SharePass
 from .slim import SlimPass
 from .sparsify import SparsifyPass
 from .svd import SvdPass
 
-__all__ = ["Fp16Pass", "FpgaPass", "LowrankPass", "PrunePass", "Q8Pass", "SlimPass", "SparsifyPass", "SvdPass"]
+__all__ = ["Fp16Pass", "FpgaPass", "LowrankPass", "PrunePass", "Q8Pass", "SharePass", "SlimPass", "SparsifyPass",
+           "SvdPass"]

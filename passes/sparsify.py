@@ -10,6 +10,11 @@ With ``refit=true`` the surviving weights of each layer are refitted by ridge le
 calibration activations of the dense model so that the layer's outputs match the dense layer's:
 per output channel, on the unmasked inputs only (the mask is kept, so sparsity is unchanged).
 Gemm/MatMul use the activations directly, Conv (groups=1) goes through im2col.
+
+``mode=sensitivity`` finds each layer's ratio instead: the largest one (up to ``max_ratio``)
+whose pruning, with the refit when ``refit=true``, keeps the model outputs within ``budget``
+(relative L2 error to the dense model on the calibration inputs) when that layer alone is
+pruned; see ``sparsify_search``. ``layer_ratio`` still fixes the ratio of the layers it names.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
+import scipy.linalg
 
 from onnxslim_cnn.graph import Graph
 from onnxslim_cnn.options import option
@@ -43,6 +49,12 @@ class SparsifyOptions:
                                 "calibration activations (per output channel)")
     ridge: float = option(1e-3, "ridge term of the refit, relative to the mean Gram diagonal", min=0.0)
     refit_max_features: int = option(4096, "skip the refit of layers with more inputs per output channel", min=1)
+    mode: Literal["ratio", "sensitivity"] = option(
+        "ratio", "ratio: the ratio/scope above; sensitivity: per layer, the largest ratio that keeps the "
+                 "outputs within budget when that layer alone is pruned (binary search on calibration data)")
+    budget: float = option(0.05, "sensitivity: relative L2 error of the outputs allowed per layer", min=0.0)
+    max_ratio: float = option(0.99, "sensitivity: largest ratio tried", min=0.0, max=1.0)
+    search_steps: int = option(8, "sensitivity: binary-search halvings per layer", min=1, max=30)
 
 
 @dataclasses.dataclass
@@ -64,7 +76,7 @@ class SparsifyPass(Pass):
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
-        return bool(self.options.refit)
+        return bool(self.options.refit) or self.options.mode == "sensitivity"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
@@ -84,6 +96,13 @@ class SparsifyPass(Pass):
                 layer.ratio = float(o.layer_ratio[name])
             elif o.scope == "layer":
                 layer.ratio = o.ratio
+        acts = _refit_inputs(graph, ctx, layers, o, result) if o.refit else {}
+        searched = {}
+        if o.mode == "sensitivity":
+            searched = _sensitivity(graph, ctx, [la for la in layers if la.node.name not in o.layer_ratio], acts, o)
+            for layer in layers:
+                if layer.node.name in searched:
+                    layer.ratio = searched[layer.node.name][0]
         # masks: per-layer ratios exactly, global ranking over the rest
         for layer in layers:
             if layer.ratio is not None:
@@ -97,10 +116,6 @@ class SparsifyPass(Pass):
                 n = layer.values.size
                 layer.mask = keep[start:start + n].reshape(layer.values.shape)
                 start += n
-
-        acts = {}
-        if o.refit:
-            acts = _refit_inputs(graph, ctx, layers, o, result)
 
         total = zeros = 0
         for layer in layers:
@@ -118,8 +133,11 @@ class SparsifyPass(Pass):
                 result.skip(name, "no weight below the threshold")
                 continue
             graph.replace_constant(layer.node, _weight_index(layer.node), new)
+            extra = {}
+            if name in searched:
+                extra = {"ratio": searched[name][0], "search_error": round(searched[name][1], 6)}
             result.change(name, "sparsified", zeros=nz, total=int(new.size),
-                          sparsity=round(nz / new.size, 6))
+                          sparsity=round(nz / new.size, 6), **extra)
         result.stats["weights"] = total
         result.stats["zeros"] = zeros
         result.stats["sparsity"] = round(zeros / total, 6) if total else 0.0
@@ -179,6 +197,27 @@ def _mask_smallest(mags: np.ndarray, ratio: float) -> np.ndarray:
     return keep
 
 
+def _sensitivity(graph: Graph, ctx: PassContext, layers: list[_Layer], acts: dict, o: SparsifyOptions) -> dict:
+    from .sparsify_search import search_ratios
+
+    systems: dict[str, tuple] = {}  # the refit's normal equations depend on the layer, not the ratio
+
+    def prune(layer: _Layer, ratio: float) -> np.ndarray:
+        layer.mask = _mask_smallest(np.abs(layer.values).ravel(), ratio).reshape(layer.values.shape)
+        new = np.where(layer.mask, layer.values, 0).astype(layer.values.dtype)
+        name = layer.node.name
+        if name in acts:
+            if name not in systems:
+                systems[name] = _refit_system(layer, acts[name], o.ridge, ctx.seed)
+            refitted = _refit(layer, acts[name], o.ridge, ctx.seed, systems[name])
+            if refitted is not None:
+                new = refitted
+        return new
+
+    base = graph.to_model()  # every weight an initializer named like its gs constant
+    return search_ratios(base, ctx.calibration, layers, o.budget, o.max_ratio, o.search_steps, prune)
+
+
 # --------------------------------------------------------------------------- refit
 
 
@@ -217,30 +256,19 @@ def _refit_inputs(graph: Graph, ctx: PassContext, layers: list[_Layer], o: Spars
     return {layer: values[t] for layer, t in wanted.items()}
 
 
-def _refit(layer: _Layer, x: np.ndarray, ridge: float, seed: int) -> "np.ndarray | None":
-    """Refitted sparse weight (same layout and mask), or None when the layer cannot be refitted."""
+def _refit(layer: _Layer, x: np.ndarray, ridge: float, seed: int,
+           system: "tuple | None" = None) -> "np.ndarray | None":
+    """Refitted sparse weight (same layout and mask), or None when the layer cannot be refitted.
+
+    ``system``: the layer's ``_refit_system`` when already computed (the sensitivity search
+    refits one layer at many ratios)."""
     node, w, mask = layer.node, layer.values, layer.mask
-    if node.op == "Conv":
-        nd = w.ndim - 2
-        attrs = node.attrs
-        cols = im2col(x.astype(np.float64), tuple(w.shape[2:]), list(attrs.get("pads", [0] * (2 * nd))),
-                      list(attrs.get("strides", [1] * nd)), list(attrs.get("dilations", [1] * nd)))
-        A = cols.reshape(-1, cols.shape[-1])
-        if len(A) > MAX_ROWS:
-            A = A[np.random.default_rng(seed).choice(len(A), MAX_ROWS, replace=False)]
-        wf = w.reshape(w.shape[0], -1).T.astype(np.float64)  # [C*k, O]
-        mf = mask.reshape(w.shape[0], -1).T
-    else:
-        A = x.reshape(-1, x.shape[-1]).astype(np.float64)
-        transposed = node.op == "Gemm" and int(node.attrs.get("transB", 0))
-        wf = (w.T if transposed else w).astype(np.float64)  # [K, O]
-        mf = mask.T if transposed else mask
-        if A.shape[1] != wf.shape[0]:
-            return None
-    target = A @ wf  # bias unchanged: the dense and sparse layers share it
-    gram = A.T @ A
-    lam = ridge * float(np.mean(np.diag(gram))) if len(gram) else 0.0
-    rhs = A.T @ target  # [K, O]
+    system = system if system is not None else _refit_system(layer, x, ridge, seed)
+    if system is None:
+        return None
+    gram, rhs, lam, wf = system
+    transposed = node.op == "Gemm" and int(node.attrs.get("transB", 0))
+    mf = mask.reshape(w.shape[0], -1).T if node.op == "Conv" else (mask.T if transposed else mask)
     # inputs never active on the calibration data carry no information: their weights are kept
     silent = np.diag(gram) <= 0
     new = np.where(mf, wf, 0.0)
@@ -251,10 +279,36 @@ def _refit(layer: _Layer, x: np.ndarray, ridge: float, seed: int) -> "np.ndarray
         g = gram[np.ix_(keep, keep)]
         g[np.diag_indices_from(g)] += lam
         # the silent inputs' fixed weights contribute nothing on this data, so the target is unchanged
-        try:
-            new[keep, j] = np.linalg.solve(g, rhs[keep, j])
+        try:  # gram + ridge is symmetric positive definite: Cholesky, half the work of LU
+            new[keep, j] = scipy.linalg.solve(g, rhs[keep, j], assume_a="pos", check_finite=False)
         except np.linalg.LinAlgError:
             pass
     if node.op == "Conv":
         return new.T.reshape(w.shape).astype(w.dtype)
     return (new.T if transposed else new).astype(w.dtype)
+
+
+def _refit_system(layer: _Layer, x: np.ndarray, ridge: float, seed: int) -> "tuple | None":
+    """Normal equations of the refit, independent of the mask: (gram, rhs, ridge term, dense W
+    as [inputs, outputs]); None when the activations do not match the weight."""
+    node, w = layer.node, layer.values
+    if node.op == "Conv":
+        nd = w.ndim - 2
+        attrs = node.attrs
+        cols = im2col(x.astype(np.float64), tuple(w.shape[2:]), list(attrs.get("pads", [0] * (2 * nd))),
+                      list(attrs.get("strides", [1] * nd)), list(attrs.get("dilations", [1] * nd)))
+        A = cols.reshape(-1, cols.shape[-1])
+        if len(A) > MAX_ROWS:
+            A = A[np.random.default_rng(seed).choice(len(A), MAX_ROWS, replace=False)]
+        wf = w.reshape(w.shape[0], -1).T.astype(np.float64)  # [C*k, O]
+    else:
+        A = x.reshape(-1, x.shape[-1]).astype(np.float64)
+        transposed = node.op == "Gemm" and int(node.attrs.get("transB", 0))
+        wf = (w.T if transposed else w).astype(np.float64)  # [K, O]
+        if A.shape[1] != wf.shape[0]:
+            return None
+    target = A @ wf  # bias unchanged: the dense and sparse layers share it
+    gram = A.T @ A
+    lam = ridge * float(np.mean(np.diag(gram))) if len(gram) else 0.0
+    rhs = A.T @ target  # [K, O]
+    return gram, rhs, lam, wf

@@ -179,3 +179,26 @@ def test_fp16_retargets_internal_casts():
     assert result.stats["casts_retargeted"] == 1
     v = np.arange(6, dtype=np.float32).reshape(2, 3)
     np.testing.assert_allclose(_run(out, v), 2 * v)
+
+
+def test_sparsify_sensitivity_finds_largest_ratio_within_budget(vgg):
+    x = digits.load_split("train")[0][:64]
+    budget, steps = 0.05, 4
+    _, result = SparsifyPass(mode="sensitivity", budget=budget, search_steps=steps).apply(vgg, calib={"input": x})
+    assert SparsifyPass(mode="sensitivity").needs_calibration
+    changes = {c["item"]: c for c in result.changes}
+    assert set(changes) == {"features.4", "features.8", "classifier.0", "classifier.3", "classifier.6"}
+    ref = _run(vgg, x)
+    err = lambda m: float(np.linalg.norm(_run(m, x) - ref) / np.linalg.norm(ref))  # noqa: E731
+    for name in ("features.8", "classifier.0"):
+        c = changes[name]
+        assert 0 < c["ratio"] < 0.99 and c["search_error"] <= budget
+        assert c["zeros"] == round(c["ratio"] * c["total"])
+        # the layer alone at the found ratio is within budget, one search step further is not
+        alone, _ = SparsifyPass(scope="layer", ratio=0.0, layer_ratio={name: c["ratio"]}).apply(vgg)
+        assert abs(err(alone) - c["search_error"]) < 1e-6 and err(alone) <= budget
+        further, _ = SparsifyPass(scope="layer", ratio=0.0,
+                                  layer_ratio={name: c["ratio"] + 0.99 / 2 ** steps}).apply(vgg)
+        assert err(further) > budget
+    # the FC layers tolerate more pruning than the convolutions
+    assert changes["classifier.0"]["ratio"] > changes["features.4"]["ratio"]
