@@ -159,16 +159,23 @@ def quantize_with_ort(model: onnx.ModelProto, o: Q8Options, ctx: PassContext, ex
         quantize_dynamic(src, dst, per_channel=o.per_channel, weight_type=QuantType.QInt8,
                          nodes_to_exclude=list(exclude) or None, use_external_data_format=big)
         return
+    tool_out = os.path.join(tmp, "tool_q8.onnx") if exclude else dst
     calib = ctx.calibration
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[o.calibration]
     act = QuantType.QUInt8 if o.activations == "uint8" else QuantType.QInt8
-    quantize_static(src, dst, _Reader(calib.inputs, calib.batch).reader,
+    quantize_static(src, tool_out, _Reader(calib.inputs, calib.batch).reader,
                     quant_format=QuantFormat.QDQ, per_channel=o.per_channel,
                     activation_type=act, weight_type=QuantType.QInt8,
                     nodes_to_exclude=list(exclude) or None, use_external_data_format=big,
                     calibrate_method=method,
                     extra_options={"WeightSymmetric": True, "ActivationSymmetric": o.activations == "int8"})
+    if exclude:
+        from .q8_mixed import float_islands
+
+        float_producers = {t: n.name for n in model.graph.node for t in n.output}
+        float_producers.update({i.name: i.name for i in model.graph.input})
+        _save(float_islands(onnx.load(tool_out), list(exclude), float_producers), dst)
 
 
 @register_pass
@@ -203,7 +210,9 @@ class Q8Pass(Pass):
 
         names = {n.name for n in model.graph.node}
         wanted = list(dict.fromkeys(list(o.exclude) + [n for n in o.keep_float if n != "auto"]))
-        keep = [n for n in wanted if n in names]
+        from .q8_mixed import with_fused_activations
+
+        keep = with_fused_activations(model, [n for n in wanted if n in names])
         for n in wanted:
             if n not in names:
                 result.skip(n, "keep_float/exclude: no node of this name")
@@ -257,8 +266,11 @@ class Q8Pass(Pass):
                     ctx.calibration, keep, o.budget_cosine, o.max_float_layers, tmp)
                 result.stats["mixed_precision"] = report
                 for name in chosen:
-                    result.change(name, "kept_float", sensitivity=report["sensitivity"].get(name),
-                                  reason=f"among the most sensitive layers; needed for cosine >= {o.budget_cosine}")
+                    if name in report["sensitivity"]:
+                        why = f"among the most sensitive layers; needed for cosine >= {o.budget_cosine}"
+                    else:
+                        why = "activation fused into a layer kept float"
+                    result.change(name, "kept_float", sensitivity=report["sensitivity"].get(name), reason=why)
                 keep = keep + [n for n in chosen if n not in keep]
             elif "auto" in o.keep_float:
                 result.skip("model", "keep_float=auto: needs static quantization (dynamic=true)")

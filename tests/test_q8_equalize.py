@@ -170,3 +170,70 @@ def test_q8_equalized_and_corrected_close_to_float():
     a, b = run(model, {"input": held_out})[0], run(quantized, {"input": held_out})[0]
     cos = float(np.dot(a.ravel(), b.ravel()) / np.linalg.norm(a) / np.linalg.norm(b))
     assert cos >= 0.99, cos  # measured 0.9916 (plain q8: 0.9911) on this random-weight model
+
+
+# ----------------------------------------------------------------------------- mixed precision
+
+
+def test_single_layer_model_matches_the_qdq_model():
+    """A model with one quantizable conv: the one-layer simulation (inputs and weights quantized)
+    followed by the tool's output QuantizeLinear/DequantizeLinear is the QDQ model itself."""
+    from onnxslim_cnn.analysis.runtime_session import make_session
+    from onnxslim_cnn.passes.q8_mixed import _QuantizedModel, single_layer_model
+
+    rng = np.random.default_rng(6)
+    nodes = [h.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             h.make_node("Relu", ["c"], ["y"], name="relu")]
+    model = make_model(nodes, [vi("x", ["N", 4, 8, 8])], [vi("y", ["N", 6, 8, 8])],
+                       [init("w", rng.normal(size=(6, 4, 3, 3))), init("b", rng.normal(size=6))])
+    x = rng.standard_normal((4, 4, 8, 8)).astype(np.float32)
+    quantized, _ = Q8Pass(fold_bn=False).apply(model, calib={"x": x})
+    qm = _QuantizedModel(quantized)
+    assert qm.candidates() == ["conv"]
+    simulated = single_layer_model(model, qm, "conv")
+    # ORT's QDQ graph run without fusions computes in float on the dequantized values, as the simulation
+    a = make_session(quantized, optimize=False).run(None, {"x": x})[0]
+    b = make_session(simulated, optimize=False).run(None, {"x": x})[0]
+    inits = {t.name: nh.to_array(t) for t in quantized.graph.initializer}
+    scale, zero = inits["y_scale"], inits["y_zero_point"].astype(np.float32)
+    b_out = (np.clip(np.round(b / scale) + zero, 0, 255) - zero) * scale
+    np.testing.assert_allclose(a, b_out, atol=1e-5)
+    assert np.abs(b - run(model, {"x": x})[0]).max() > 1e-3  # and it is quantized
+
+
+def test_keep_float_auto_meets_budget_and_reports():
+    model = reference.build("resnet18", width=0.25, input_size=32, num_classes=10)
+    x = np.random.default_rng(4).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    # all-int8 reaches 0.9962 on these inputs: a 0.997 budget needs layers kept float
+    quantized, result = Q8Pass(keep_float=["auto"], budget_cosine=0.997).apply(model, calib={"input": x})
+    mixed = result.stats["mixed_precision"]
+    assert mixed["cosine_all_quantized"] < 0.997 <= mixed["cosine"] and mixed["budget_met"]
+    assert mixed["candidates"] == len(mixed["sensitivity"]) > 20
+    kept = mixed["kept"]
+    assert kept and kept == result.stats["float_layers"]
+    worst = max(mixed["sensitivity"], key=mixed["sensitivity"].get)
+    assert worst in kept  # the most sensitive layer goes first
+    kept_ops = [n for n in quantized.graph.node if n.name in kept]
+    producers = {o: n.op_type for n in quantized.graph.node for o in n.output}
+    for n in kept_ops:  # kept layers read float weights
+        if n.op_type == "Conv":
+            assert producers.get(n.input[1]) != "DequantizeLinear"
+    assert {c["item"] for c in result.changes if c["action"] == "kept_float"} == set(kept)
+    # the report's cosine is the real one of the model returned
+    from onnxslim_cnn.passes.q8_mixed import least_cosine
+    ref, new = run(model, {"input": x}), run(quantized, {"input": x})
+    assert abs(least_cosine([r.ravel().astype(np.float64) for r in ref],
+                            [q.ravel().astype(np.float64) for q in new]) - mixed["cosine"]) < 1e-6
+
+
+def test_keep_float_budget_already_met_and_explicit_names():
+    model = reference.build("resnet18", width=0.25, input_size=32, num_classes=10)
+    x = np.random.default_rng(4).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    quantized, result = Q8Pass(keep_float=["auto", "conv1"], exclude=["layer4.1.conv2"],
+                               budget_cosine=0.9).apply(model, calib={"input": x})
+    mixed = result.stats["mixed_precision"]
+    assert mixed["budget_met"] and mixed["kept"] == [] and mixed["sensitivity"] == {}
+    # explicit names (keep_float and its older spelling exclude) stay float with their ReLU
+    assert result.stats["float_layers"] == ["layer4.1.conv2", "conv1", "relu"]
+    conv1 = next(n for n in quantized.graph.node if n.name == "conv1")
+    assert conv1.input[0] == "input"  # the float input, no QuantizeLinear before it
