@@ -7,11 +7,11 @@
    int8 values, with the scales the tool wrote), run on the calibration inputs; sensitivity =
    1 - the least cosine similarity of any model output to float. One forward pass per
    candidate, no re-calibration. Its output's rounding belongs to the consumers' inputs.
-3. Candidates are sorted by sensitivity, and the smallest ``k`` for which the full model, with
-   the ``k`` worst kept float (the tool's ``nodes_to_exclude``), meets the cosine budget is found
-   by doubling then bisection (assuming more float layers never hurt; the chosen set is the one
-   measured, so the report's figure is real). At most ``max_layers`` are kept float; when even
-   that misses the budget, the best set measured is used and the report says so.
+3. Candidates are taken in order of sensitivity: each is tried float on top of those already
+   kept (the tool's ``nodes_to_exclude`` plus `float_islands`) and kept only when the least
+   cosine of the real QDQ model on the calibration inputs rises, until the budget is met, or
+   ``max_layers`` are kept, or ``2 * max_layers`` were tried. The report's cosine is the one
+   measured for the model returned; when the budget is missed, the report says so.
 """
 
 from __future__ import annotations
@@ -226,33 +226,19 @@ def choose_float_layers(model: onnx.ModelProto, quantize: Callable[[onnx.ModelPr
         sens[c] = 1.0 - least_cosine(reference, _outputs(single_layer_model(model, qm, c), calib, optimize=False))
     order = sorted(candidates, key=lambda c: (-sens[c], c))
     report["sensitivity"] = {c: round(sens[c], 6) for c in order}
-    tried: dict[int, float] = {0: full_cos}
-
-    def at(k: int) -> float:
-        if k not in tried:
-            tried[k] = measure(order[:k])
-            report["trials"].append({"float_layers": k, "cosine": tried[k]})
-        return tried[k]
-
-    limit = min(max_layers, len(order))
-    steps = [k for k in (2 ** i for i in range(limit.bit_length())) if k < limit] + [limit]
-    lo, hi = 0, None  # lo: the largest k known to miss the budget
-    for k in steps:
-        if at(k) >= budget:
-            hi = k
+    # Greedy over the ranked list, each step measured on the tool's real output: a candidate is
+    # kept float only when that raises the least cosine. Why not a bisection over "the k worst":
+    # on PP-OCRv4 rec the cosine was not monotonic in k (0.959 all int8, 0.952 with the worst
+    # node float, 0.972 with three, 0.909 with eight), rounding errors partly cancel.
+    kept: list[str] = []
+    best = full_cos
+    for c in order[:2 * max_layers]:
+        if best >= budget or len(kept) >= max_layers:
             break
-        lo = k
-    if hi is None:
-        best = max(tried, key=lambda j: (tried[j], -j))
-        chosen = with_fused_activations(model, order[:best])
-        report.update(cosine=tried[best], budget_met=False, kept=chosen)
-        return chosen, report
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if at(mid) >= budget:
-            hi = mid
-        else:
-            lo = mid
-    chosen = with_fused_activations(model, order[:hi])
-    report.update(cosine=tried[hi], budget_met=True, kept=chosen)
+        cos = measure(kept + [c])
+        report["trials"].append({"try": c, "cosine": cos, "kept": cos > best})
+        if cos > best:
+            kept, best = kept + [c], cos
+    chosen = with_fused_activations(model, kept)
+    report.update(cosine=best, budget_met=best >= budget, kept=chosen)
     return chosen, report
