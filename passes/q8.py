@@ -61,6 +61,8 @@ class Q8Options:
     budget_cosine: float = option(0.99, "keep_float=auto: least cosine similarity of every output to float "
                                         "on the calibration data", min=0.0, max=1.0)
     max_float_layers: int = option(16, "keep_float=auto: at most this many layers kept in float", min=0)
+    sensitivity_samples: int = option(0, "keep_float=auto: calibration samples used to rank the layers "
+                                         "(0: all; fewer is faster on big inputs)", min=0)
 
 
 def is_quantized(model: onnx.ModelProto) -> bool:
@@ -263,7 +265,7 @@ class Q8Pass(Pass):
 
                 chosen, report = choose_float_layers(
                     model, lambda m, excl, dst: quantize_with_ort(m, o, ctx, excl, dst, tmp),
-                    ctx.calibration, keep, o.budget_cosine, o.max_float_layers, tmp)
+                    ctx.calibration, keep, o.budget_cosine, o.max_float_layers, tmp, o.sensitivity_samples)
                 result.stats["mixed_precision"] = report
                 for name in chosen:
                     if name in report["sensitivity"]:

@@ -197,8 +197,8 @@ def float_islands(model: onnx.ModelProto, keep: "list[str]", float_producers: "d
 
 
 def choose_float_layers(model: onnx.ModelProto, quantize: Callable[[onnx.ModelProto, list, str], None],
-                        calib, keep: list[str], budget: float, max_layers: int, tmp: str
-                        ) -> tuple[list[str], dict]:
+                        calib, keep: list[str], budget: float, max_layers: int, tmp: str,
+                        sensitivity_samples: int = 0) -> tuple[list[str], dict]:
     """The layers to keep float (beyond ``keep``) so that every output's cosine >= ``budget``.
 
     ``quantize(model, exclude, dst)`` writes the tool's QDQ model with ``exclude`` kept float.
@@ -221,9 +221,16 @@ def choose_float_layers(model: onnx.ModelProto, quantize: Callable[[onnx.ModelPr
     if full_cos >= budget or not candidates or max_layers == 0:
         report.update(cosine=full_cos, budget_met=full_cos >= budget, kept=[])
         return [], report
+    ranking_calib, ranking_ref = calib, reference
+    if 0 < sensitivity_samples < calib.samples:
+        import dataclasses
+
+        ranking_calib = dataclasses.replace(calib, inputs={k: v[:sensitivity_samples] for k, v in calib.inputs.items()})
+        ranking_ref = _outputs(model, ranking_calib)
     sens = {}
     for c in candidates:
-        sens[c] = 1.0 - least_cosine(reference, _outputs(single_layer_model(model, qm, c), calib, optimize=False))
+        sim = _outputs(single_layer_model(model, qm, c), ranking_calib, optimize=False)
+        sens[c] = 1.0 - least_cosine(ranking_ref, sim)
     order = sorted(candidates, key=lambda c: (-sens[c], c))
     report["sensitivity"] = {c: round(sens[c], 6) for c in order}
     # Greedy over the ranked list, each step measured on the tool's real output: a candidate is

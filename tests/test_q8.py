@@ -123,3 +123,30 @@ def test_exclude_keeps_node_float(resnet):
     kept = next(n for n in model.graph.node if n.name == conv)
     assert kept.op_type == "Conv"
     _loads_and_runs(model, x[:2])
+
+
+def test_batchnorm_as_mul_add_folded_before_qdq():
+    """BN exported as per-channel Mul + Add after a conv: slim folds it, so every conv is one
+    QLinearConv and no float Mul/Add is left between Q and DQ."""
+    from onnx import helper as h
+
+    from graphs import init, make_model, vi
+
+    rng = np.random.default_rng(0)
+    nodes = [h.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             h.make_node("Mul", ["c", "s"], ["m"], name="bn_mul"), h.make_node("Add", ["m", "t"], ["a"], name="bn_add"),
+             h.make_node("Relu", ["a"], ["r"], name="relu"),
+             h.make_node("Conv", ["r", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+             h.make_node("Mul", ["c2", "s2"], ["m2"], name="bn2_mul"), h.make_node("Add", ["m2", "t2"], ["y"], name="bn2_add")]
+    model = make_model(nodes, [vi("x", ["N", 3, 16, 16])], [vi("y", ["N", 8, 16, 16])],
+                       [init("w", rng.normal(size=(8, 3, 3, 3))), init("b", rng.normal(size=8)),
+                        init("s", rng.uniform(0.5, 2, (8, 1, 1))), init("t", rng.normal(size=(8, 1, 1))),
+                        init("w2", rng.normal(size=(8, 8, 3, 3))), init("s2", rng.uniform(0.5, 2, (1, 8, 1, 1))),
+                        init("t2", rng.normal(size=(1, 8, 1, 1)))], opset=13)
+    x = rng.standard_normal((8, 3, 16, 16)).astype(np.float32)
+    quantized, result = Q8Pass().apply(model, calib={"x": x})
+    assert [n.op_type for n in quantized.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")] \
+        == ["Conv", "Conv"]
+    assert result.stats["int8_kernel_types"] == {"QLinearConv": 2} and result.stats["float_ops_in_qdq"] == 0
+    a, b = _loads_and_runs(model, x), _loads_and_runs(quantized, x)
+    assert float(np.dot(a.ravel(), b.ravel()) / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
