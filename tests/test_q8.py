@@ -101,6 +101,19 @@ def test_opset10_upgraded(resnet):
     assert next(op.version for op in model.opset_import if op.domain in ("", "ai.onnx")) >= 13
     _loads_and_runs(model, x[:2])
     assert old.opset_import[0].version == 10  # input untouched
+    # what q8 fixes: ORT's tool alone writes per-channel DequantizeLinear (axis) at opset 10
+    import tempfile
+
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    from onnxslim_cnn.passes.q8 import _Reader
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(old, f"{tmp}/f.onnx")
+        quantize_static(f"{tmp}/f.onnx", f"{tmp}/q.onnx", _Reader({_input_name(old): x}, 8).reader,
+                        quant_format=QuantFormat.QDQ, per_channel=True)
+        with pytest.raises(Exception, match="DequantizeLinear"):
+            ort.InferenceSession(f"{tmp}/q.onnx", providers=["CPUExecutionProvider"])
 
 
 def test_options_and_dynamic(resnet):
