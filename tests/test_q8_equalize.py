@@ -237,3 +237,12 @@ def test_keep_float_budget_already_met_and_explicit_names():
     assert result.stats["float_layers"] == ["layer4.1.conv2", "conv1", "relu"]
     conv1 = next(n for n in quantized.graph.node if n.name == "conv1")
     assert conv1.input[0] == "input"  # the float input, no QuantizeLinear before it
+
+
+def test_same_input_and_options_same_bytes():
+    path = str(digits.fixture_path("digits_resnet"))
+    calib = dict(np.load(digits.EXAMPLES_DIR / "digits_calib.npz"))
+    opts = dict(equalize=True, bias_correction=True, keep_float=["auto"], budget_cosine=0.99999, max_float_layers=2)
+    first, result = Q8Pass(**opts).apply(path, calib=calib)
+    assert result.stats["equalized_pairs"] == 4 and result.stats["mixed_precision"]["trials"]
+    assert Q8Pass(**opts).apply(path, calib=calib)[0].SerializeToString() == first.SerializeToString()
