@@ -108,7 +108,7 @@ def bench_model(model_id: str, rounds: int, big_batch: int) -> dict:
     if model_id in DIGITS:
         path = str(digits.fixture_path(model_id))
         calib = dict(np.load(digits.EXAMPLES_DIR / "digits_calib.npz"))
-        x_test, y_test = digits.load_split("test")
+        x_test, _ = digits.load_split("test")
         held = {"input": x_test}
         run_batch = 64
 

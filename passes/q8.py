@@ -153,7 +153,13 @@ def _name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
 def quantize_with_ort(model: onnx.ModelProto, o: Q8Options, ctx: PassContext, exclude: "list[str]",
                       dst: str, tmp: str) -> None:
     """Write ``model`` quantized by ORT's tool (``o``'s set-up, ``exclude`` kept float) to ``dst``."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     src = os.path.join(tmp, "float.onnx")
     big = _save(model, src)

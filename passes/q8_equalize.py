@@ -228,7 +228,7 @@ def equalize(graph: Graph, exclude: "set[str]" = frozenset(), iterations: int = 
         for name in (p.first, p.second):
             if name not in layers:
                 layers[name] = _layer(by_name[name])
-    before = {id(p): (_out_range(layers[p.first]), _in_range(layers[p.second], p.spatial)) for p in pairs}
+    before = {id(p): (_out_range(layers[p.first]),) for p in pairs}
     for _ in range(iterations):
         worst = 0.0
         for p in pairs:
@@ -252,7 +252,7 @@ def equalize(graph: Graph, exclude: "set[str]" = frozenset(), iterations: int = 
                                    hint=f"{name}_b_eq")
     records = []
     for p in pairs:
-        r1_0, r2_0 = before[id(p)]
+        r1_0 = before[id(p)][0]
         r1, r2 = _out_range(layers[p.first]), _in_range(layers[p.second], p.spatial)
         records.append({"first": p.first, "second": p.second, "via": p.via, "channels": int(r1.size),
                         "range_ratio_before": float(np.max(r1_0) / max(np.min(r1_0[r1_0 > 0], initial=np.inf), 1e-30)),

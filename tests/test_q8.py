@@ -105,7 +105,6 @@ def test_opset10_upgraded(resnet):
     import tempfile
 
     from onnxruntime.quantization import QuantFormat, quantize_static
-
     from onnxslim_cnn.passes.q8 import _Reader
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -141,9 +140,8 @@ def test_exclude_keeps_node_float(resnet):
 def test_batchnorm_as_mul_add_folded_before_qdq():
     """BN exported as per-channel Mul + Add after a conv: slim folds it, so every conv is one
     QLinearConv and no float Mul/Add is left between Q and DQ."""
-    from onnx import helper as h
-
     from graphs import init, make_model, vi
+    from onnx import helper as h
 
     rng = np.random.default_rng(0)
     nodes = [h.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
@@ -172,11 +170,10 @@ def test_weights_in_constant_nodes_quantized_as_weights():
     become per-channel int8 initializers."""
     import tempfile
 
+    from graphs import make_model, vi
     from onnx import helper as h
     from onnx import numpy_helper as nh
     from onnxruntime.quantization import QuantFormat, quantize_static
-
-    from graphs import make_model, vi
     from onnxslim_cnn.passes.q8 import _Reader
 
     rng = np.random.default_rng(0)

@@ -5,16 +5,20 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from graphs import assert_same_outputs, init, make_model, run, vi
 from onnx import helper as h
 from onnx import numpy_helper as nh
-from onnxslim_cnn.analysis.calibration import from_arrays
-from onnxslim_cnn.graph import Graph
 from onnxslim_cnn.models import digits, reference
 from onnxslim_cnn.passes.q8 import Q8Pass
-from onnxslim_cnn.passes.q8_equalize import bias_correct, equalize, quantize_weight_like_ort
+from onnxslim_cnn.passes.q8_equalize import (
+    bias_correct,
+    equalize,
+    quantize_weight_like_ort,
+)
 from onnxslim_cnn.passes.slim import SlimPass
 
-from graphs import assert_same_outputs, init, make_model, run, vi
+from onnxslim_cnn.analysis.calibration import from_arrays
+from onnxslim_cnn.graph import Graph
 
 
 def _chain_model(seed=0) -> onnx.ModelProto:
@@ -178,8 +182,9 @@ def test_q8_equalized_and_corrected_close_to_float():
 def test_single_layer_model_matches_the_qdq_model():
     """A model with one quantizable conv: the one-layer simulation (inputs and weights quantized)
     followed by the tool's output QuantizeLinear/DequantizeLinear is the QDQ model itself."""
-    from onnxslim_cnn.analysis.runtime_session import make_session
     from onnxslim_cnn.passes.q8_mixed import _QuantizedModel, single_layer_model
+
+    from onnxslim_cnn.analysis.runtime_session import make_session
 
     rng = np.random.default_rng(6)
     nodes = [h.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
