@@ -50,8 +50,19 @@ class Q8Options:
     calibration: str = option("minmax", "activation range calibration method",
                               choices=("minmax", "percentile", "entropy"))
     dynamic: bool = option(False, "ORT dynamic quantization (weights int8, activations quantized at run time)")
-    exclude: list[str] = option([], "node names kept in float")
+    exclude: list[str] = option([], "node names kept in float (same as keep_float with names)")
     fold_bn: bool = option(True, "run slim first, folding BatchNormalization into the preceding Conv/Gemm")
+    equalize: bool = option(False, "cross-layer equalization of Conv/Gemm pairs through ReLU/pooling "
+                                   "(exact in float) before quantizing")
+    bias_correction: bool = option(False, "subtract the expected output shift of int8 weight rounding "
+                                          "(measured on calibration data) from each Conv/Gemm bias")
+    keep_float: list[str] = option([], "node names kept in float; 'auto' adds the most sensitive layers "
+                                       "until budget_cosine is met")
+    budget_cosine: float = option(0.99, "keep_float=auto: least cosine similarity of every output to float "
+                                        "on the calibration data", min=0.0, max=1.0)
+    max_float_layers: int = option(16, "keep_float=auto: at most this many layers kept in float", min=0)
+    sensitivity_samples: int = option(0, "keep_float=auto: calibration samples used to rank the layers "
+                                         "(0: all; fewer is faster on big inputs)", min=0)
 
 
 def is_quantized(model: onnx.ModelProto) -> bool:
@@ -121,6 +132,60 @@ def kernel_stats(model_path: str, work_dir: str) -> dict:
     }
 
 
+def _name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every unnamed node a unique name: keep_float and the report refer to nodes by name."""
+    if all(n.name for n in model.graph.node) and len({n.name for n in model.graph.node}) == len(model.graph.node):
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    seen: set[str] = set()
+    for i, n in enumerate(out.graph.node):
+        if not n.name or n.name in seen:
+            base = f"{n.op_type}_{i}"
+            name, k = base, 1
+            while name in seen:
+                name, k = f"{base}_{k}", k + 1
+            n.name = name
+        seen.add(n.name)
+    return out
+
+
+def quantize_with_ort(model: onnx.ModelProto, o: Q8Options, ctx: PassContext, exclude: "list[str]",
+                      dst: str, tmp: str) -> None:
+    """Write ``model`` quantized by ORT's tool (``o``'s set-up, ``exclude`` kept float) to ``dst``."""
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    src = os.path.join(tmp, "float.onnx")
+    big = _save(model, src)
+    if o.dynamic:
+        quantize_dynamic(src, dst, per_channel=o.per_channel, weight_type=QuantType.QInt8,
+                         nodes_to_exclude=list(exclude) or None, use_external_data_format=big)
+        return
+    tool_out = os.path.join(tmp, "tool_q8.onnx") if exclude else dst
+    calib = ctx.calibration
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[o.calibration]
+    act = QuantType.QUInt8 if o.activations == "uint8" else QuantType.QInt8
+    quantize_static(src, tool_out, _Reader(calib.inputs, calib.batch).reader,
+                    quant_format=QuantFormat.QDQ, per_channel=o.per_channel,
+                    activation_type=act, weight_type=QuantType.QInt8,
+                    nodes_to_exclude=list(exclude) or None, use_external_data_format=big,
+                    calibrate_method=method,
+                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": o.activations == "int8"})
+    if exclude:
+        from .q8_mixed import float_islands
+
+        float_producers = {t: n.name for n in model.graph.node for t in n.output}
+        float_producers.update({i.name: i.name for i in model.graph.input})
+        _save(float_islands(onnx.load(tool_out), list(exclude), float_producers), dst)
+
+
 @register_pass
 class Q8Pass(Pass):
     name = "q8"
@@ -135,14 +200,6 @@ class Q8Pass(Pass):
         return not self.options.dynamic
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        from onnxruntime.quantization import (
-            CalibrationMethod,
-            QuantFormat,
-            QuantType,
-            quantize_dynamic,
-            quantize_static,
-        )
-
         o = self.options
         result = PassResult()
         model = graph.to_model()
@@ -157,12 +214,16 @@ class Q8Pass(Pass):
             model, slim_result = SlimPass().apply(model)
             result.stats["slim_changes"] = len(slim_result.changes)
             result.stats["batchnorm_left"] = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
+        model = _name_nodes(model)
 
         names = {n.name for n in model.graph.node}
-        exclude = [n for n in o.exclude if n in names]
-        for n in o.exclude:
+        wanted = list(dict.fromkeys(list(o.exclude) + [n for n in o.keep_float if n != "auto"]))
+        from .q8_mixed import with_fused_activations
+
+        keep = with_fused_activations(model, [n for n in wanted if n in names])
+        for n in wanted:
             if n not in names:
-                result.skip(n, "exclude: no node of this name")
+                result.skip(n, "keep_float/exclude: no node of this name")
 
         opset = next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), 0)
         if opset < 13 and (o.per_channel or not o.dynamic):
@@ -177,29 +238,56 @@ class Q8Pass(Pass):
                                 f"{str(exc).strip().splitlines()[0]}") from None
             result.stats["opset_upgraded"] = f"{opset}->13"
 
+        if o.equalize:
+            from .q8_equalize import equalize
+
+            g = Graph.from_model(model)
+            pairs, eq_skipped = equalize(g, exclude=set(keep))
+            if pairs:
+                model = g.to_model()
+            result.stats["equalized_pairs"] = len(pairs)
+            for rec in pairs:
+                result.change(f"{rec['first']}->{rec['second']}", "equalized", **rec)
+            for item, why in eq_skipped:
+                result.skip(item, f"equalize: {why}")
+        if o.bias_correction and not o.dynamic:
+            from .q8_equalize import bias_correct
+
+            model, corrected, bc_skipped = bias_correct(model, ctx.calibration, o.per_channel, set(keep))
+            result.stats.setdefault("bias_corrected", 0)
+            for rec in corrected:
+                result.change(rec["layer"], "bias_corrected", max_abs_shift=rec["max_abs_shift"],
+                              added_bias=rec["added_bias"])
+            for item, why in bc_skipped:
+                result.skip(item, f"bias_correction: {why}")
+        elif o.bias_correction:
+            result.skip("model", "bias_correction: needs static quantization (dynamic=true)")
+
         q_before = sum(n.op_type == "QuantizeLinear" for n in model.graph.node)
         dq_before = sum(n.op_type == "DequantizeLinear" for n in model.graph.node)
         with tempfile.TemporaryDirectory(prefix="onnxslim_q8_") as tmp:
-            src, dst = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "q8.onnx")
-            big = _save(model, src)
-            if o.dynamic:
-                quantize_dynamic(src, dst, per_channel=o.per_channel, weight_type=QuantType.QInt8,
-                                 nodes_to_exclude=exclude or None, use_external_data_format=big)
-            else:
-                calib = ctx.calibration
-                method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                          "entropy": CalibrationMethod.Entropy}[o.calibration]
-                act = QuantType.QUInt8 if o.activations == "uint8" else QuantType.QInt8
-                quantize_static(src, dst, _Reader(calib.inputs, calib.batch).reader,
-                                quant_format=QuantFormat.QDQ, per_channel=o.per_channel,
-                                activation_type=act, weight_type=QuantType.QInt8,
-                                nodes_to_exclude=exclude or None, use_external_data_format=big,
-                                calibrate_method=method,
-                                extra_options={"WeightSymmetric": True,
-                                               "ActivationSymmetric": o.activations == "int8"})
-                result.stats["calibration_samples"] = calib.samples
+            if "auto" in o.keep_float and not o.dynamic:
+                from .q8_mixed import choose_float_layers
+
+                chosen, report = choose_float_layers(
+                    model, lambda m, excl, dst: quantize_with_ort(m, o, ctx, excl, dst, tmp),
+                    ctx.calibration, keep, o.budget_cosine, o.max_float_layers, tmp, o.sensitivity_samples)
+                result.stats["mixed_precision"] = report
+                for name in chosen:
+                    if name in report["sensitivity"]:
+                        why = f"among the most sensitive layers; needed for cosine >= {o.budget_cosine}"
+                    else:
+                        why = "activation fused into a layer kept float"
+                    result.change(name, "kept_float", sensitivity=report["sensitivity"].get(name), reason=why)
+                keep = keep + [n for n in chosen if n not in keep]
+            elif "auto" in o.keep_float:
+                result.skip("model", "keep_float=auto: needs static quantization (dynamic=true)")
+            dst = os.path.join(tmp, "q8.onnx")
+            quantize_with_ort(model, o, ctx, keep, dst, tmp)
             quantized = onnx.load(dst)
             result.stats.update(kernel_stats(dst, tmp))
+        if not o.dynamic:
+            result.stats["calibration_samples"] = ctx.calibration.samples
 
         q = sum(n.op_type == "QuantizeLinear" for n in quantized.graph.node) - q_before
         dq = sum(n.op_type == "DequantizeLinear" for n in quantized.graph.node) - dq_before
@@ -208,7 +296,8 @@ class Q8Pass(Pass):
         result.stats["dequantize_linear_inserted"] = dq
         if o.dynamic:
             result.stats["dynamic_quantize_inserted"] = dyn
-        result.stats["excluded"] = len(exclude)
+        result.stats["excluded"] = len(keep)
+        result.stats["float_layers"] = list(keep)
         if q + dq + dyn == 0:
             result.skip("model", "ONNX Runtime's quantization tool found nothing to quantize")
             return result

@@ -101,6 +101,18 @@ def test_opset10_upgraded(resnet):
     assert next(op.version for op in model.opset_import if op.domain in ("", "ai.onnx")) >= 13
     _loads_and_runs(model, x[:2])
     assert old.opset_import[0].version == 10  # input untouched
+    # what q8 fixes: ORT's tool alone writes per-channel DequantizeLinear (axis) at opset 10
+    import tempfile
+
+    from onnxruntime.quantization import QuantFormat, quantize_static
+    from onnxslim_cnn.passes.q8 import _Reader
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(old, f"{tmp}/f.onnx")
+        quantize_static(f"{tmp}/f.onnx", f"{tmp}/q.onnx", _Reader({_input_name(old): x}, 8).reader,
+                        quant_format=QuantFormat.QDQ, per_channel=True)
+        with pytest.raises(Exception, match="DequantizeLinear"):
+            ort.InferenceSession(f"{tmp}/q.onnx", providers=["CPUExecutionProvider"])
 
 
 def test_options_and_dynamic(resnet):
@@ -123,3 +135,70 @@ def test_exclude_keeps_node_float(resnet):
     kept = next(n for n in model.graph.node if n.name == conv)
     assert kept.op_type == "Conv"
     _loads_and_runs(model, x[:2])
+
+
+def test_batchnorm_as_mul_add_folded_before_qdq():
+    """BN exported as per-channel Mul + Add after a conv: slim folds it, so every conv is one
+    QLinearConv and no float Mul/Add is left between Q and DQ."""
+    from graphs import init, make_model, vi
+    from onnx import helper as h
+
+    rng = np.random.default_rng(0)
+    nodes = [h.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             h.make_node("Mul", ["c", "s"], ["m"], name="bn_mul"), h.make_node("Add", ["m", "t"], ["a"], name="bn_add"),
+             h.make_node("Relu", ["a"], ["r"], name="relu"),
+             h.make_node("Conv", ["r", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+             h.make_node("Mul", ["c2", "s2"], ["m2"], name="bn2_mul"), h.make_node("Add", ["m2", "t2"], ["y"], name="bn2_add")]
+    model = make_model(nodes, [vi("x", ["N", 3, 16, 16])], [vi("y", ["N", 8, 16, 16])],
+                       [init("w", rng.normal(size=(8, 3, 3, 3))), init("b", rng.normal(size=8)),
+                        init("s", rng.uniform(0.5, 2, (8, 1, 1))), init("t", rng.normal(size=(8, 1, 1))),
+                        init("w2", rng.normal(size=(8, 8, 3, 3))), init("s2", rng.uniform(0.5, 2, (1, 8, 1, 1))),
+                        init("t2", rng.normal(size=(1, 8, 1, 1)))], opset=13)
+    x = rng.standard_normal((8, 3, 16, 16)).astype(np.float32)
+    quantized, result = Q8Pass().apply(model, calib={"x": x})
+    assert [n.op_type for n in quantized.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")] \
+        == ["Conv", "Conv"]
+    assert result.stats["int8_kernel_types"] == {"QLinearConv": 2} and result.stats["float_ops_in_qdq"] == 0
+    a, b = _loads_and_runs(model, x), _loads_and_runs(quantized, x)
+    assert float(np.dot(a.ravel(), b.ravel()) / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
+
+
+def test_weights_in_constant_nodes_quantized_as_weights():
+    """Paddle exports keep weights in Constant nodes. ORT's tool alone quantizes them as
+    activations (a calibrated per-tensor QuantizeLinear at run time, float weights left in the
+    file; on PP-OCR cls all 53 convs); q8 turns them into initializers first (slim), so they
+    become per-channel int8 initializers."""
+    import tempfile
+
+    from graphs import make_model, vi
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+    from onnxruntime.quantization import QuantFormat, quantize_static
+    from onnxslim_cnn.passes.q8 import _Reader
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 3, 3, 3)).astype(np.float32)
+    nodes = [h.make_node("Constant", [], ["w"], value=nh.from_array(w, "w"), name="w_const"),
+             h.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             h.make_node("Relu", ["c"], ["y"], name="relu")]
+    model = make_model(nodes, [vi("x", ["N", 3, 8, 8])], [vi("y", ["N", 8, 8, 8])], opset=13)
+    x = rng.standard_normal((8, 3, 8, 8)).astype(np.float32)
+
+    def weight_source(m):
+        producer = {o: n for n in m.graph.node for o in n.output}
+        dq = producer[next(n for n in m.graph.node if n.op_type == "Conv").input[1]]
+        src = producer.get(dq.input[0])
+        return src.op_type if src is not None else "initializer"
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(model, f"{tmp}/f.onnx")
+        quantize_static(f"{tmp}/f.onnx", f"{tmp}/q.onnx", _Reader({"x": x}, 8).reader,
+                        quant_format=QuantFormat.QDQ, per_channel=True)
+        assert weight_source(onnx.load(f"{tmp}/q.onnx")) == "QuantizeLinear"  # quantized at run time
+    quantized, _ = Q8Pass().apply(model, calib={"x": x})
+    assert weight_source(quantized) == "initializer"
+    conv = next(n for n in quantized.graph.node if n.op_type == "Conv")
+    dq = next(n for n in quantized.graph.node if conv.input[1] in n.output)
+    q_weight = next(t for t in quantized.graph.initializer if t.name == dq.input[0])
+    assert q_weight.data_type == onnx.TensorProto.INT8
+    assert nh.to_array(next(t for t in quantized.graph.initializer if t.name == dq.input[1])).shape == (8,)
