@@ -1,0 +1,178 @@
+"""Kernel-level bench of the sparse CPU kernels (runtime/src/kernels_*.cc) against dense GEMM.
+
+    python bench/sparse_kernels.py [--out bench/results_sparse_kernels.json] [--quick]
+
+Drives the kernels through their C ABI (kernels_capi.cc) with ctypes: on the library named by
+ONNXSLIM_SPARSE_KERNELS_LIB, else on the installed EP library when it exports the ABI, else on a
+standalone build of runtime/src/kernels_*.cc made here with g++. The dense baseline is numpy's
+float32 matmul (OpenBLAS) limited to the same thread count through threadpoolctl; ORT's MLAS
+comparison is bench/sparse.py's. For each shape, sparsity (random unstructured, exact zeros) and
+batch: median latency of every format, of ChooseFormat's pick and of dense, with 1 thread then 2,
+and the break-even sparsity (lowest measured sparsity where the picked format beats dense).
+
+This module is also the ctypes wrapper the kernel tests use (tests/test_sparse_kernels.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import hashlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "runtime" / "src"
+FORMATS = {"csr": 0, "block1x4": 1, "block4x1": 2, "dense": 3}
+FORMAT_NAMES = {v: k for k, v in FORMATS.items()}
+
+
+class KernelError(RuntimeError):
+    """A C-API call failed; the message is the library's last error."""
+
+
+def kernel_sources() -> list[Path]:
+    return sorted(SRC.glob("kernels_*.cc"))
+
+
+def build_standalone(out_dir: "Path | None" = None) -> Path:
+    """Compile kernels_*.cc (one of them is kernels_capi.cc) into a shared library with g++.
+
+    Cached by a hash of the sources and headers, so repeated test runs compile once. Raises
+    FileNotFoundError when no C++ compiler is on PATH, KernelError when the build fails."""
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        raise FileNotFoundError("no C++ compiler (g++/c++ or $CXX) to build the standalone kernel library")
+    files = kernel_sources() + sorted(SRC.glob("kernels_*.h")) + [SRC / "sparse_kernels.h"]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:16]
+    out_dir = Path(out_dir or Path(tempfile.gettempdir()) / f"onnxslim-sparse-kernels-{os.getuid()}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lib = out_dir / f"libonnxslim_sparse_kernels_{digest}.so"
+    if lib.is_file():
+        return lib
+    tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+    cmd = [cxx, "-std=c++17", "-O3", "-shared", "-fPIC", "-pthread", *map(str, kernel_sources()), "-o", str(tmp)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise KernelError(f"standalone kernel build failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    tmp.replace(lib)
+    return lib
+
+
+def _installed_library() -> "Path | None":
+    """The EP library of the installed package, when it exports the kernels' C ABI."""
+    try:
+        import onnxslim_cnn.runtime as rt
+    except ImportError:
+        return None
+    for lib in sorted(Path(rt.__file__).parent.glob("**/*.so")):
+        try:
+            if hasattr(ctypes.CDLL(str(lib)), "onnxslim_sparse_create"):
+                return lib
+        except OSError:
+            continue
+    return None
+
+
+def find_library() -> Path:
+    given = os.environ.get("ONNXSLIM_SPARSE_KERNELS_LIB")
+    if given:
+        return Path(given)
+    return _installed_library() or build_standalone()
+
+
+_F = ctypes.POINTER(ctypes.c_float)
+_I64 = ctypes.c_int64
+
+
+def _ptr(a: "np.ndarray | None"):
+    return None if a is None else a.ctypes.data_as(_F)
+
+
+class Kernels:
+    """The C ABI of kernels_capi.cc, with numpy arrays in and out."""
+
+    def __init__(self, path: "str | Path"):
+        self.path = Path(path)
+        lib = self.lib = ctypes.CDLL(str(path))
+        lib.onnxslim_sparse_create.restype = ctypes.c_void_p
+        lib.onnxslim_sparse_create.argtypes = [_F, _I64, _I64, ctypes.c_int, _I64]
+        lib.onnxslim_sparse_choose_format.argtypes = [_F, _I64, _I64, _I64]
+        lib.onnxslim_sparse_multiply.argtypes = [ctypes.c_void_p, _F, _I64, _I64, _F, _I64, ctypes.c_float, _F,
+                                                 ctypes.c_int, ctypes.c_int]
+        for name in ("rows", "cols", "nonzeros", "bytes"):
+            getattr(lib, f"onnxslim_sparse_{name}").restype = _I64
+            getattr(lib, f"onnxslim_sparse_{name}").argtypes = [ctypes.c_void_p]
+        lib.onnxslim_sparse_format.argtypes = [ctypes.c_void_p]
+        lib.onnxslim_sparse_free.argtypes = [ctypes.c_void_p]
+        lib.onnxslim_sparse_isa.restype = ctypes.c_char_p
+        lib.onnxslim_sparse_set_isa.argtypes = [ctypes.c_char_p]
+        lib.onnxslim_sparse_last_error.restype = ctypes.c_char_p
+
+    def error(self) -> str:
+        return self.lib.onnxslim_sparse_last_error().decode()
+
+    def isa(self) -> str:
+        return self.lib.onnxslim_sparse_isa().decode()
+
+    def set_isa(self, name: str) -> None:
+        if self.lib.onnxslim_sparse_set_isa(name.encode()) != 0:
+            raise KernelError(self.error())
+
+    def choose_format(self, w: np.ndarray, n_hint: int) -> str:
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        return FORMAT_NAMES[self.lib.onnxslim_sparse_choose_format(_ptr(w), w.shape[0], w.shape[1], n_hint)]
+
+    def matrix(self, w: np.ndarray, fmt: str = "auto", n_hint: int = 1) -> "Matrix":
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        code = -1 if fmt == "auto" else FORMATS[fmt]
+        handle = self.lib.onnxslim_sparse_create(_ptr(w), w.shape[0], w.shape[1], code, n_hint)
+        if not handle:
+            raise KernelError(self.error())
+        return Matrix(self, handle)
+
+
+class Matrix:
+    def __init__(self, kernels: Kernels, handle: int):
+        self.k, self.lib, self.handle = kernels, kernels.lib, handle
+        self.rows = self.lib.onnxslim_sparse_rows(handle)
+        self.cols = self.lib.onnxslim_sparse_cols(handle)
+
+    def __del__(self):
+        if getattr(self, "handle", None):
+            self.lib.onnxslim_sparse_free(self.handle)
+            self.handle = None
+
+    @property
+    def format(self) -> str:
+        return FORMAT_NAMES[self.lib.onnxslim_sparse_format(self.handle)]
+
+    @property
+    def nonzeros(self) -> int:
+        return self.lib.onnxslim_sparse_nonzeros(self.handle)
+
+    @property
+    def bytes(self) -> int:
+        return self.lib.onnxslim_sparse_bytes(self.handle)
+
+    def multiply(self, x: np.ndarray, *, alpha: float = 1.0, bias: "np.ndarray | None" = None, relu: bool = False,
+                 threads: int = 1, out: "np.ndarray | None" = None) -> np.ndarray:
+        """act(alpha * W @ x + bias) for x of shape (cols, n), row-major (views with row stride ok)."""
+        if x.dtype != np.float32 or x.ndim != 2 or x.shape[0] != self.cols or x.strides[1] != 4:
+            raise ValueError(f"x must be float32 ({self.cols}, n) with contiguous rows")
+        n = x.shape[1]
+        y = np.empty((self.rows, n), np.float32) if out is None else out
+        b = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+        rc = self.lib.onnxslim_sparse_multiply(self.handle, _ptr(x), n, x.strides[0] // 4, _ptr(y), y.strides[0] // 4,
+                                               alpha, _ptr(b), int(relu), threads)
+        if rc != 0:
+            raise KernelError(self.k.error())
+        return y

@@ -1,0 +1,82 @@
+// ChooseFormat: a cost model, not a measurement, so the choice is deterministic and free.
+//
+// Each format's time is modelled as (what it stores per entry) x (cost of one entry), with
+// per-entry costs fitted to bench/sparse_kernels.py runs on an AVX2 machine (see the "Kernels"
+// section of docs/sparse_runtime.md). An entry is a nonzero (CSR), a 4-value block (1x4, 4x1)
+// or a weight (dense). At batch 1 the product is bound by streaming W from memory, so the costs
+// are per byte-ish entry; at batch n > 1 every entry costs a pass over ceil(n/8) vectors of X.
+#include <algorithm>
+#include <cstdint>
+
+#include "sparse_kernels.h"
+
+namespace onnxslim_sparse {
+namespace {
+
+struct Counts {
+  int64_t nnz = 0, blocks1x4 = 0, blocks4x1 = 0;
+};
+
+Counts CountEntries(const float* w, int64_t m, int64_t k) {
+  Counts c;
+  for (int64_t i = 0; i < m; ++i) {
+    const float* row = w + i * k;
+    for (int64_t j = 0; j < k; ++j) c.nnz += row[j] != 0.0f;
+    if (k >= 4) {  // same greedy placement as BuildBlock1x4
+      for (int64_t j = 0; j < k;) {
+        if (row[j] == 0.0f) {
+          ++j;
+          continue;
+        }
+        ++c.blocks1x4;
+        j = std::min(j, k - 4) + 4;
+      }
+    }
+  }
+  for (int64_t r0 = 0; r0 < m; r0 += 4) {
+    const int64_t rn = std::min<int64_t>(4, m - r0);
+    for (int64_t j = 0; j < k; ++j) {
+      bool any = false;
+      for (int64_t r = 0; r < rn; ++r) any |= w[(r0 + r) * k + j] != 0.0f;
+      c.blocks4x1 += any;
+    }
+  }
+  return c;
+}
+
+// Relative cost of one entry, batch 1 and per 8-column vector at batch > 1. CSR's batch-1 entry
+// is a value, an index and a gathered x; a block is four values, one index and 4 contiguous
+// (1x4) or 1 broadcast (4x1) x; dense is one value streamed with x. See kernels_avx2.cc.
+struct EntryCost {
+  double batch1, per_vector;
+};
+constexpr EntryCost kCsr{1.0, 1.0};
+constexpr EntryCost kBlock1x4{2.2, 4.0};
+constexpr EntryCost kBlock4x1{2.2, 2.6};
+constexpr EntryCost kDenseCost{0.22, 0.55};
+
+double Cost(const EntryCost& c, int64_t entries, int64_t n) {
+  return n <= 1 ? c.batch1 * static_cast<double>(entries)
+                : c.per_vector * static_cast<double>(entries) * static_cast<double>((n + 7) / 8);
+}
+
+}  // namespace
+
+Format SparseMatrix::ChooseFormat(const float* w, int64_t rows, int64_t cols, int64_t n_hint) {
+  const Counts c = CountEntries(w, rows, cols);
+  const int64_t n = std::max<int64_t>(1, n_hint);
+  Format best = Format::kCSR;
+  double best_cost = Cost(kCsr, c.nnz, n);
+  const auto consider = [&](Format f, double cost) {
+    if (cost < best_cost) {  // strict: ties keep the earlier (simpler) format
+      best = f;
+      best_cost = cost;
+    }
+  };
+  if (cols >= 4) consider(Format::kBlock1x4, Cost(kBlock1x4, c.blocks1x4, n));
+  consider(Format::kBlock4x1, Cost(kBlock4x1, c.blocks4x1, n));
+  consider(Format::kDense, Cost(kDenseCost, rows * cols, n));
+  return best;
+}
+
+}  // namespace onnxslim_sparse
