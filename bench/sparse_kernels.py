@@ -3,8 +3,8 @@
     python bench/sparse_kernels.py [--out bench/results_sparse_kernels.json] [--quick]
 
 Drives the kernels through their C ABI (kernels_capi.cc) with ctypes: on the library named by
-ONNXSLIM_SPARSE_KERNELS_LIB, else on the installed EP library when it exports the ABI, else on a
-standalone build of runtime/src/kernels_*.cc made here with g++. The dense baseline is numpy's
+ONNXSLIM_SPARSE_KERNELS_LIB, else on a standalone build of runtime/src/kernels_*.cc made here with
+g++ (the sources as they are now), else on the installed EP library when it exports the ABI. The dense baseline is numpy's
 float32 matmul (OpenBLAS) limited to the same thread count through threadpoolctl; ORT's MLAS
 comparison is bench/sparse.py's. For each shape, sparsity (random unstructured, exact zeros) and
 batch: median latency of every format, of ChooseFormat's pick and of dense, with 1 thread then 2,
@@ -67,7 +67,7 @@ def build_standalone(out_dir: "Path | None" = None) -> Path:
     return lib
 
 
-def _installed_library() -> "Path | None":
+def installed_library() -> "Path | None":
     """The EP library of the installed package, when it exports the kernels' C ABI."""
     try:
         import onnxslim_cnn.runtime as rt
@@ -86,7 +86,13 @@ def find_library() -> Path:
     given = os.environ.get("ONNXSLIM_SPARSE_KERNELS_LIB")
     if given:
         return Path(given)
-    return _installed_library() or build_standalone()
+    try:
+        return build_standalone()
+    except FileNotFoundError:
+        lib = installed_library()
+        if lib is None:
+            raise
+        return lib
 
 
 _F = ctypes.POINTER(ctypes.c_float)
@@ -176,3 +182,127 @@ class Matrix:
         if rc != 0:
             raise KernelError(self.k.error())
         return y
+
+
+# ---------------------------------------------------------------------------------------------
+# The bench
+
+# (name, M = output rows, K = reduction, batches). FC weights are W[out x in]; convs are the
+# im2col product W[OC x C*kh*kw] x X[C*kh*kw x OH*OW] of ResNet-50 (224 input).
+SHAPES = [
+    ("vgg16_fc6_25088x4096", 4096, 25088, [1, 8, 32]),
+    ("vgg16_fc7_4096x4096", 4096, 4096, [1, 8, 32]),
+    ("resnet50_conv3x3_256x2304_n196", 256, 2304, [196]),
+    ("resnet50_conv1x1_1024x256_n196", 1024, 256, [196]),
+    ("resnet50_conv1x1_128x512_n784", 128, 512, [784]),
+]
+SPARSITIES = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+FLUSH = np.zeros(64 << 20 >> 2, np.float32)  # 64 MiB, twice the L3 of the bench machine
+
+
+def _flush() -> None:
+    """Evict W and X from the caches, as the other layers of a network would between calls."""
+    np.add(FLUSH, 1.0, out=FLUSH)
+
+
+def _interleaved_medians(calls: dict, reps: int) -> dict:
+    """Median seconds of each call, run in rotating order rep after rep, so that load from other
+    processes on a shared machine hits every candidate alike (ratios stay meaningful)."""
+    times = {k: [] for k in calls}
+    names = list(calls)
+    for fn in calls.values():
+        fn()  # warm-up: page faults, thread start
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            _flush()
+            t0 = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _sparse_weight(rng, dense: np.ndarray, sparsity: float, structure: str) -> np.ndarray:
+    m, k = dense.shape
+    if structure == "4x1":  # whole 4-row groups of a column pruned together
+        keep = rng.random(((m + 3) // 4, k), dtype=np.float32) >= sparsity
+        keep = np.repeat(keep, 4, axis=0)[:m]
+    else:
+        keep = rng.random((m, k), dtype=np.float32) >= sparsity
+    return np.where(keep, dense, np.float32(0))
+
+
+def bench_shape(kern: Kernels, name, m, k, batches, sparsities, structure, reps, rng) -> dict:
+    from threadpoolctl import threadpool_limits
+
+    dense_w = rng.standard_normal((m, k), dtype=np.float32)
+    out = {"shape": name, "M": m, "K": k, "structure": structure, "runs": []}
+    for sparsity in sparsities:
+        w = _sparse_weight(rng, dense_w, sparsity, structure)
+        mats = {f: kern.matrix(w, f) for f in ("csr", "block1x4", "block4x1")}
+        for n in batches:
+            x = rng.standard_normal((k, n), dtype=np.float32)
+            chosen = kern.choose_format(w, n)
+            for threads in (1, 2):
+                calls = {f: (lambda mat=mat: mat.multiply(x, threads=threads)) for f, mat in mats.items()}
+                calls["dense_numpy"] = lambda: w @ x
+                with threadpool_limits(limits=threads):
+                    med = _interleaved_medians(calls, reps)
+                dense_s = med["dense_numpy"]
+                out["runs"].append({
+                    "sparsity": sparsity, "n": n, "threads": threads, "chosen": chosen,
+                    "dense_ms": round(dense_s * 1e3, 4),
+                    "ms": {f: round(med[f] * 1e3, 4) for f in mats},
+                    "speedup_vs_dense": {f: round(dense_s / med[f], 3) for f in mats},
+                    "chosen_speedup": round(dense_s / med[chosen], 3) if chosen in med else 1.0,
+                    "best_format": min(mats, key=lambda f: med[f]),
+                })
+                print(f"{name} {structure} s={sparsity} n={n} t={threads}: dense {dense_s * 1e3:.2f} ms, "
+                      + ", ".join(f"{f} {dense_s / med[f]:.2f}x" for f in mats) + f", chosen {chosen}",
+                      file=sys.stderr, flush=True)
+    return out
+
+
+def break_even(runs: list) -> list:
+    """Per (n, threads): the lowest measured sparsity from which ChooseFormat's pick beats dense
+    at every higher measured sparsity too (None when it never does)."""
+    found = []
+    for key in sorted({(r["n"], r["threads"]) for r in runs}):
+        rs = sorted((r for r in runs if (r["n"], r["threads"]) == key), key=lambda r: r["sparsity"])
+        point = None
+        for r in reversed(rs):
+            if r["chosen_speedup"] <= 1.0:
+                break
+            point = r["sparsity"]
+        found.append({"n": key[0], "threads": key[1], "break_even_sparsity": point})
+    return found
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="also write the JSON here (bench/results_sparse_kernels.json)")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _common import emit, machine
+
+    kern = Kernels(find_library())
+    rng = np.random.default_rng(0)
+    shapes = SHAPES[2:] if args.quick else SHAPES
+    results = [bench_shape(kern, *s, SPARSITIES, "random", args.reps, rng) for s in shapes]
+    if not args.quick:  # blocked structure: what the block formats and ChooseFormat are for
+        results.append(bench_shape(kern, "vgg16_fc7_4096x4096", 4096, 4096, [1, 32], [0.8, 0.9], "4x1", args.reps, rng))
+    for r in results:
+        r["break_even"] = break_even(r["runs"])
+    import threadpoolctl
+
+    emit({"bench": "sparse_kernels", "machine": machine(kernel_isa=kern.isa(), kernel_library=kern.path.name,
+                                                    blas=[i.get("internal_api") for i in threadpoolctl.threadpool_info()]),
+          "method": ("median of --reps calls per candidate, candidates interleaved, caches flushed (64 MiB write) "
+                     "before every call; dense = numpy float32 matmul (OpenBLAS) at the same thread count; "
+                     "random unstructured sparsity unless structure says 4x1"),
+          "reps": args.reps, "results": results}, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,8 @@
 """The sparse CPU kernels (runtime/src/kernels_*.cc) through their C ABI, against float64 numpy.
 
-Runs on the installed EP library when it exports the ABI, else on a standalone g++ build of the
-kernel sources (skipped with the reason when there is no compiler). Both ISA paths: the AVX2+FMA
+Runs twice: on a standalone g++ build of the kernel sources as they are (skipped with the reason
+when there is no compiler) and on the installed EP library when it exports the ABI (skipped when
+it is not built). Both ISA paths: the AVX2+FMA
 one (when the CPU has it) and the portable one, forced through onnxslim_sparse_set_isa and,
 in a fresh process, through the ONNXSLIM_SPARSE_ISA environment variable.
 """
@@ -27,12 +28,20 @@ SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
 BATCHES = [1, 7, 32, 45, 196]  # 45 = 32 + 8 + 5 and 16 + 16 + 8 + 5: every vector tile and the tail
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    try:
-        lib = sk.find_library()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+@pytest.fixture(scope="module", params=["standalone", "installed"])
+def kernels(request):
+    if request.param == "standalone":
+        try:
+            lib = sk.build_standalone()
+        except FileNotFoundError as e:
+            pytest.skip(str(e))
+    else:
+        lib = sk.installed_library()
+        if lib is None:
+            pytest.skip("no installed onnxslim_cnn.runtime library exports the kernels' C ABI")
+        newest = max(p.stat().st_mtime for p in sk.kernel_sources())
+        if lib.stat().st_mtime < newest:
+            pytest.skip(f"{lib} is older than runtime/src/kernels_*.cc: rebuild it (pip install -e .)")
     k = sk.Kernels(lib)
     yield k
     k.set_isa("auto")
@@ -124,7 +133,7 @@ def test_storage_counts(kernels):
     w[0, [0, 1, 7]] = 1.0  # 1x4: blocks at 0 and at 5 (moved left to end inside the row)
     w[2, 8] = 2.0          # 4x1: strip 0 has columns 0, 1, 7, 8; strip 1 (row 4) none
     csr = kernels.matrix(w, "csr")
-    assert (csr.nonzeros, csr.bytes) == (4, 6 * 8 + 4 * 4 + 4 * 4)
+    assert (csr.nonzeros, csr.bytes) == (4, 6 * 8 + 4 * 2 + 4 * 4)  # 16-bit column indices (k <= 65536)
     assert kernels.matrix(w, "block1x4").bytes == 6 * 8 + 3 * 4 + 3 * 16
     assert kernels.matrix(w, "block4x1").bytes == 3 * 8 + 4 * 4 + 4 * 16
     assert kernels.matrix(w, "dense").bytes == 45 * 4

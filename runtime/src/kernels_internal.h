@@ -19,6 +19,8 @@ namespace detail {
 struct SparseView {
   const int64_t* ptr;  // rows + 1 (CSR, 1x4) or strips + 1 (4x1) offsets, in blocks
   const int32_t* col;  // first column of each block
+  const uint16_t* col16;  // CSR only: the same columns as 16-bit indices when cols <= 65536
+                          // (then col is nullptr): 6 instead of 8 bytes per nonzero to stream
   const float* val;    // block values, zero-padded
   int64_t rows;
   int64_t cols;

@@ -63,6 +63,7 @@ namespace {
 struct Layout {
   std::vector<int64_t> ptr;
   std::vector<int32_t> col;
+  std::vector<uint16_t> col16;
   std::vector<float> val;
 };
 
@@ -79,6 +80,10 @@ Layout BuildCsr(const float* w, int64_t m, int64_t k) {
       }
     }
     l.ptr.push_back(static_cast<int64_t>(l.col.size()));
+  }
+  if (k <= 65536) {  // batch-1 products stream W: narrower indices are directly less time
+    l.col16.assign(l.col.begin(), l.col.end());
+    l.col = std::vector<int32_t>();
   }
   return l;
 }
@@ -134,7 +139,7 @@ class StoredMatrix final : public SparseMatrix {
   int64_t nonzeros() const override { return nnz_; }
   size_t bytes() const override {
     return layout_.ptr.size() * sizeof(int64_t) + layout_.col.size() * sizeof(int32_t) +
-           layout_.val.size() * sizeof(float);
+           layout_.col16.size() * sizeof(uint16_t) + layout_.val.size() * sizeof(float);
   }
 
   void Multiply(const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy, float alpha, const float* bias,
@@ -151,7 +156,8 @@ void StoredMatrix::Multiply(const float* x, int64_t n, int64_t ldx, float* y, in
                             const float* bias, Activation act, const ParallelFor& parallel) const {
   if (n < 1 || ldx < n || ldy < n) throw std::invalid_argument("Multiply: need n >= 1, ldx >= n and ldy >= n");
   if (rows_ == 0) return;
-  const SparseView view{layout_.ptr.data(), layout_.col.data(), layout_.val.data(), rows_, cols_};
+  const SparseView view{layout_.ptr.data(), layout_.col.empty() ? nullptr : layout_.col.data(),
+                        layout_.col16.empty() ? nullptr : layout_.col16.data(), layout_.val.data(), rows_, cols_};
   const Epilogue ep{alpha, bias, act == Activation::kRelu};
   const KernelSet& ks = Kernels();
   TileKernel kernel = format_ == Format::kCSR        ? ks.csr

@@ -15,8 +15,9 @@ inline float Finish(float acc, const Epilogue& ep, int64_t row) {
 }
 
 // Rows laid out as blocks of BW consecutive columns (CSR: BW = 1); `dense` = every column, in order.
-template <int BW>
-void RowBlocks(const SparseView& w, const Operands& io, const Epilogue& ep, const Tile& t, bool dense) {
+template <int BW, class Index>
+void RowBlocks(const SparseView& w, const Index* cols, const Operands& io, const Epilogue& ep, const Tile& t,
+               bool dense) {
   const int64_t width = t.col1 - t.col0;
   std::vector<float> acc(static_cast<size_t>(width));
   for (int64_t i = t.row0; i < t.row1; ++i) {
@@ -24,7 +25,7 @@ void RowBlocks(const SparseView& w, const Operands& io, const Epilogue& ep, cons
     const int64_t b0 = dense ? 0 : w.ptr[i], b1 = dense ? w.cols : w.ptr[i + 1];
     const float* vals = dense ? w.val + i * w.cols : w.val;
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t c = dense ? b : w.col[b];
+      const int64_t c = dense ? b : static_cast<int64_t>(cols[b]);
       for (int k = 0; k < BW; ++k) {
         const float v = dense ? vals[b] : vals[b * BW + k];
         const float* xr = io.x + (c + k) * io.ldx + t.col0;
@@ -37,13 +38,17 @@ void RowBlocks(const SparseView& w, const Operands& io, const Epilogue& ep, cons
 }
 
 void Csr(const SparseView& w, const Operands& io, const Epilogue& ep, const Tile& t) {
-  RowBlocks<1>(w, io, ep, t, false);
+  if (w.col16) {
+    RowBlocks<1>(w, w.col16, io, ep, t, false);
+  } else {
+    RowBlocks<1>(w, w.col, io, ep, t, false);
+  }
 }
 void Block1x4(const SparseView& w, const Operands& io, const Epilogue& ep, const Tile& t) {
-  RowBlocks<4>(w, io, ep, t, false);
+  RowBlocks<4>(w, w.col, io, ep, t, false);
 }
 void Dense(const SparseView& w, const Operands& io, const Epilogue& ep, const Tile& t) {
-  RowBlocks<1>(w, io, ep, t, true);
+  RowBlocks<1>(w, w.col, io, ep, t, true);
 }
 
 void Block4x1(const SparseView& w, const Operands& io, const Epilogue& ep, const Tile& t) {
