@@ -67,6 +67,63 @@ def build_standalone(out_dir: "Path | None" = None) -> Path:
     return lib
 
 
+def build_cuda(out_dir: "Path | None" = None) -> Path:
+    """nvcc-compile runtime/src/cuda/*.cu into a shared library (cached by source hash). Works
+    without a GPU. Raises FileNotFoundError when nvcc is absent, KernelError when it fails."""
+    nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
+    if not nvcc:
+        raise FileNotFoundError("nvcc not found (set NVCC or put the CUDA toolkit on PATH)")
+    sources = sorted((SRC / "cuda").glob("*.cu"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    out_dir = Path(out_dir or Path(tempfile.gettempdir()) / f"onnxslim-sparse-kernels-{os.getuid()}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lib = out_dir / f"libonnxslim_sparse_cuda_{digest}.so"
+    if lib.is_file():
+        return lib
+    tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+    cmd = [nvcc, "-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC", *map(str, sources), "-o", str(tmp)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise KernelError(f"CUDA kernel build failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    tmp.replace(lib)
+    return lib
+
+
+class CudaKernels:
+    """The C ABI of runtime/src/cuda/sparse_kernels_cuda.cu (host-pointer calls)."""
+
+    def __init__(self, path: "str | Path"):
+        lib = self.lib = ctypes.CDLL(str(path))
+        lib.onnxslim_sparse_cuda_create.restype = ctypes.c_void_p
+        lib.onnxslim_sparse_cuda_create.argtypes = [_F, _I64, _I64]
+        lib.onnxslim_sparse_cuda_multiply_host.argtypes = [ctypes.c_void_p, _F, _I64, _F, ctypes.c_float, _F,
+                                                           ctypes.c_int]
+        lib.onnxslim_sparse_cuda_nonzeros.restype = _I64
+        lib.onnxslim_sparse_cuda_nonzeros.argtypes = [ctypes.c_void_p]
+        lib.onnxslim_sparse_cuda_free.argtypes = [ctypes.c_void_p]
+        lib.onnxslim_sparse_cuda_last_error.restype = ctypes.c_char_p
+
+    def device_count(self) -> int:
+        return self.lib.onnxslim_sparse_cuda_device_count()
+
+    def multiply(self, w: np.ndarray, x: np.ndarray, *, alpha=1.0, bias=None, relu=False) -> "tuple[np.ndarray, int]":
+        """(act(alpha * w @ x + bias), nonzeros held) computed on the GPU."""
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        handle = self.lib.onnxslim_sparse_cuda_create(_ptr(w), w.shape[0], w.shape[1])
+        if not handle:
+            raise KernelError(self.lib.onnxslim_sparse_cuda_last_error().decode())
+        try:
+            y = np.empty((w.shape[0], x.shape[1]), np.float32)
+            b = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+            if self.lib.onnxslim_sparse_cuda_multiply_host(handle, _ptr(x), x.shape[1], _ptr(y), alpha, _ptr(b),
+                                                           int(relu)) != 0:
+                raise KernelError(self.lib.onnxslim_sparse_cuda_last_error().decode())
+            return y, self.lib.onnxslim_sparse_cuda_nonzeros(handle)
+        finally:
+            self.lib.onnxslim_sparse_cuda_free(handle)
+
+
 def installed_library() -> "Path | None":
     """The EP library of the installed package, when it exports the kernels' C ABI."""
     try:

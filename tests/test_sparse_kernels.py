@@ -169,3 +169,32 @@ def test_env_var_forces_portable_path(kernels):
                          env={**os.environ, "ONNXSLIM_SPARSE_ISA": "portable"}, capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "portable"
+
+
+@pytest.fixture(scope="module")
+def cuda_kernels():
+    """The CUDA library built with nvcc (the build itself is checked wherever nvcc exists)."""
+    try:
+        lib = sk.CudaKernels(sk.build_cuda())
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    return lib
+
+
+def test_cuda_matches_float64_reference(cuda_kernels):
+    if cuda_kernels.device_count() == 0:
+        pytest.skip("no CUDA GPU on this machine (cudaGetDeviceCount found none); the library built with nvcc")
+    rng = np.random.default_rng(9)
+    for sparsity in SPARSITIES:
+        w = _weight(rng, 37, 53, sparsity)
+        for n in (1, 7, 32, 45):
+            x = rng.standard_normal((53, n)).astype(np.float32)
+            bias = rng.standard_normal(37).astype(np.float32)
+            for alpha, b, relu in [(1.0, None, False), (-1.5, bias, True)]:
+                y, nnz = cuda_kernels.multiply(w, x, alpha=alpha, bias=b, relu=relu)
+                assert nnz == np.count_nonzero(w)
+                ref = _reference(w, x, alpha, b, relu)
+                if sparsity == 1.0:  # only the epilogue: exact
+                    np.testing.assert_array_equal(y, ref.astype(np.float32))
+                else:
+                    _assert_close(y, ref, f"cuda sparsity={sparsity} n={n} alpha={alpha} relu={relu}")
