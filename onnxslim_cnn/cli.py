@@ -22,7 +22,9 @@ PROG = "onnxslim"
 # takes the remaining argv and returns the exit code (UserError -> exit 2 as everywhere).
 # Imported only when used, so `onnxslim IN OUT` never pays for them. A model file that is
 # literally named like a subcommand can still be given as ./pack.
-SUBCOMMANDS: "dict[str, tuple[str, str]]" = {}
+SUBCOMMANDS: "dict[str, tuple[str, str]]" = {
+    "bench": ("onnxslim_cnn.runtime.cli_bench", "main"),
+}
 
 
 class _Parser(argparse.ArgumentParser):

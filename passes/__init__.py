@@ -5,7 +5,8 @@ from .lowrank import LowrankPass
 from .prune import PrunePass
 from .q8 import Q8Pass
 from .slim import SlimPass
+from .sparse import SparsePass
 from .sparsify import SparsifyPass
 from .svd import SvdPass
 
-__all__ = ["Fp16Pass", "LowrankPass", "PrunePass", "Q8Pass", "SlimPass", "SparsifyPass", "SvdPass"]
+__all__ = ["Fp16Pass", "LowrankPass", "PrunePass", "Q8Pass", "SlimPass", "SparsePass", "SparsifyPass", "SvdPass"]
