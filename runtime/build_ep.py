@@ -117,6 +117,8 @@ def build_library(src_dir: Path, output: Path, temp_dir: Path, log=print) -> Pat
     if not sources:
         raise NativeBuildError(f"no C++ sources in {src_dir}")
     temp_dir.mkdir(parents=True, exist_ok=True)
+    # No per-file ISA flags: the kernels pick AVX2 with target pragmas at run time, so the
+    # library builds with plain -O3 and still loads on any x86-64.
     common = ["-std=c++17", "-O3", "-fPIC", "-fvisibility=hidden", "-pthread", "-DORT_API_MANUAL_INIT",
               "-I", str(src_dir), "-I", str(headers)]
 
@@ -144,19 +146,23 @@ def build_library(src_dir: Path, output: Path, temp_dir: Path, log=print) -> Pat
 def build_cuda_library(cuda_dir: Path, output: Path, temp_dir: Path, log=print) -> "Path | None":
     """Optional second target: runtime/src/cuda/*.cu (+ host .cc there) with nvcc, when present.
 
-    The .cu files carry no ORT headers (the kernels' own contract), so this needs only nvcc and
-    cuSPARSE/cuBLAS. Returns None when there is nothing to build or no nvcc.
+    The .cu files carry no ORT headers (the kernels' own C ABI), so this needs only nvcc.
+    Returns None when there is nothing to build or no nvcc.
     """
     if os.environ.get("ONNXSLIM_SKIP_CUDA") == "1":
         return None
+    cuda_dir = cuda_dir.resolve()
     sources = sorted([*cuda_dir.glob("*.cu"), *cuda_dir.glob("*.cc")]) if cuda_dir.is_dir() else []
     nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
     if not sources or not nvcc:
         return None
     temp_dir.mkdir(parents=True, exist_ok=True)
-    tmp_out = output.with_name(output.name + ".tmp")
-    cmd = [nvcc, "-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden",
-           "-I", str(cuda_dir.parent), *map(str, sources), "-lcusparse", "-lcublas", "-o", str(tmp_out)]
+    tmp_out = output.resolve().with_name(output.name + ".tmp")
+    # Only cudart (nvcc's default): the kernels are hand-written, and a toolkit without
+    # cuSPARSE/cuBLAS must still build. ONNXSLIM_CUDA_LIBS adds e.g. "-lcusparse".
+    extra_libs = os.environ.get("ONNXSLIM_CUDA_LIBS", "").split()
+    cmd = [nvcc, "-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC",
+           "-I", str(cuda_dir), "-I", str(cuda_dir.parent), *map(str, sources), *extra_libs, "-o", str(tmp_out)]
     log(f"onnxslim-cnn: compiling {len(sources)} CUDA sources with {nvcc}")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=temp_dir)
     if proc.returncode != 0:
