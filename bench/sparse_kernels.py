@@ -354,6 +354,7 @@ def main(argv=None) -> None:
     import threadpoolctl
 
     emit({"bench": "sparse_kernels", "machine": machine(kernel_isa=kern.isa(), kernel_library=kern.path.name,
+                                                    load_average_1_5_15min_at_end=os.getloadavg(),
                                                     blas=[i.get("internal_api") for i in threadpoolctl.threadpool_info()]),
           "method": ("median of --reps calls per candidate, candidates interleaved, caches flushed (64 MiB write) "
                      "before every call; dense = numpy float32 matmul (OpenBLAS) at the same thread count; "

@@ -145,6 +145,7 @@ def test_choose_format(kernels):
     strips = np.repeat(_weight(rng, 64, 512, 0.9), 4, axis=0)  # 4x1 structure: rows in fours
     dense = rng.standard_normal((128, 128)).astype(np.float32)
     assert kernels.choose_format(random90, 1) == "csr"
+    assert kernels.choose_format(_weight(rng, 256, 512, 0.5), 1) == "csr"
     assert kernels.choose_format(strips, 32) == "block4x1"
     assert kernels.choose_format(dense, 1) == "dense"
     assert kernels.choose_format(dense, 32) == "dense"

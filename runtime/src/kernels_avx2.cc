@@ -47,54 +47,80 @@ inline float HorizontalSum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
 }
 
-// One output row over columns [c0, c1) for rows stored as blocks of BW consecutive columns
-// (CSR: BW = 1; kDense: every column in order, no index). Tiles of 32, then 8, then a masked
-// tail: the same FMA chain per element whatever tile computes it.
+// The entries of one output row: entry e has value val(e) and multiplies X row xrow(e). Rows are
+// stored as blocks of BW consecutive columns (CSR: BW = 1); kDense = every column, no index.
+template <int BW, bool kDense, class Index>
+struct RowEntries {
+  const float* vals;  // first value of the row
+  const Index* cols;  // first block index of the row
+  const float* x;
+  int64_t ldx, count;
+  const float* val(int64_t e) const { return vals + e; }
+  const float* xrow(int64_t e) const {
+    const int64_t col = kDense ? e : static_cast<int64_t>(cols[e / BW]) + e % BW;
+    return x + col * ldx;
+  }
+};
+
+// One output row over columns [c0, c1): tiles of 64, 32 and 8 columns, then a masked tail. The
+// FMA latency (4 cycles) rather than the loads limits a single chain per register, so narrower
+// tiles split the entries over 2 (32 columns) or 4 (8 columns) partial sums: 8 or 4 independent
+// chains in flight. Which tile computes a column depends only on its position in the 64-column
+// block (kernels_matrix.cc), never on the thread split, so results stay bit-identical.
 template <int BW, bool kDense, class Index>
 void RowProduct(const SparseView& w, const Index* cols, const Operands& io, const Finisher& fin, int64_t i,
                 int64_t c0, int64_t c1) {
   const int64_t b0 = kDense ? 0 : w.ptr[i], b1 = kDense ? w.cols : w.ptr[i + 1];
-  const float* vals = kDense ? w.val + i * w.cols : w.val;
+  const RowEntries<BW, kDense, Index> r{kDense ? w.val + i * w.cols : w.val + b0 * BW, kDense ? nullptr : cols + b0,
+                                        io.x, io.ldx, (b1 - b0) * BW};
   float* yr = io.y + i * io.ldy;
   int64_t c = c0;
+  for (; c + 64 <= c1; c += 64) {
+    __m256 a[8];
+    for (auto& v : a) v = _mm256_setzero_ps();
+    for (int64_t e = 0; e < r.count; ++e) {
+      const __m256 v = _mm256_broadcast_ss(r.val(e));
+      const float* xr = r.xrow(e) + c;
+      for (int q = 0; q < 8; ++q) a[q] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr + 8 * q), a[q]);
+    }
+    for (int q = 0; q < 8; ++q) _mm256_storeu_ps(yr + c + 8 * q, fin(a[q]));
+  }
   for (; c + 32 <= c1; c += 32) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t col = kDense ? b : static_cast<int64_t>(cols[b]);
-      for (int t = 0; t < BW; ++t) {
-        const __m256 v = _mm256_broadcast_ss(vals + b * BW + t);
-        const float* xr = io.x + (col + t) * io.ldx + c;
-        a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr), a0);
-        a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr + 8), a1);
-        a2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr + 16), a2);
-        a3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr + 24), a3);
+    __m256 a[4], b[4];
+    for (int q = 0; q < 4; ++q) a[q] = b[q] = _mm256_setzero_ps();
+    int64_t e = 0;
+    for (; e + 2 <= r.count; e += 2) {
+      const __m256 v0 = _mm256_broadcast_ss(r.val(e)), v1 = _mm256_broadcast_ss(r.val(e + 1));
+      const float *x0 = r.xrow(e) + c, *x1 = r.xrow(e + 1) + c;
+      for (int q = 0; q < 4; ++q) {
+        a[q] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(x0 + 8 * q), a[q]);
+        b[q] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(x1 + 8 * q), b[q]);
       }
     }
-    _mm256_storeu_ps(yr + c, fin(a0));
-    _mm256_storeu_ps(yr + c + 8, fin(a1));
-    _mm256_storeu_ps(yr + c + 16, fin(a2));
-    _mm256_storeu_ps(yr + c + 24, fin(a3));
-  }
-  for (; c + 8 <= c1; c += 8) {
-    __m256 a0 = _mm256_setzero_ps();
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t col = kDense ? b : static_cast<int64_t>(cols[b]);
-      for (int t = 0; t < BW; ++t)
-        a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(vals + b * BW + t),
-                             _mm256_loadu_ps(io.x + (col + t) * io.ldx + c), a0);
+    if (e < r.count) {
+      const __m256 v0 = _mm256_broadcast_ss(r.val(e));
+      const float* x0 = r.xrow(e) + c;
+      for (int q = 0; q < 4; ++q) a[q] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(x0 + 8 * q), a[q]);
     }
-    _mm256_storeu_ps(yr + c, fin(a0));
+    for (int q = 0; q < 4; ++q) _mm256_storeu_ps(yr + c + 8 * q, fin(_mm256_add_ps(a[q], b[q])));
   }
-  if (c < c1) {
-    const __m256i mask = TailMask(c1 - c);
-    __m256 a0 = _mm256_setzero_ps();
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t col = kDense ? b : static_cast<int64_t>(cols[b]);
-      for (int t = 0; t < BW; ++t)
-        a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(vals + b * BW + t),
-                             _mm256_maskload_ps(io.x + (col + t) * io.ldx + c, mask), a0);
+  for (; c < c1; c += 8) {
+    const bool partial = c + 8 > c1;
+    const __m256i mask = partial ? TailMask(c1 - c) : _mm256_set1_epi32(-1);
+    const auto load = [&](const float* p) { return partial ? _mm256_maskload_ps(p, mask) : _mm256_loadu_ps(p); };
+    __m256 a[4];
+    for (auto& v : a) v = _mm256_setzero_ps();
+    int64_t e = 0;
+    for (; e + 4 <= r.count; e += 4)
+      for (int q = 0; q < 4; ++q)
+        a[q] = _mm256_fmadd_ps(_mm256_broadcast_ss(r.val(e + q)), load(r.xrow(e + q) + c), a[q]);
+    for (; e < r.count; ++e) a[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(r.val(e)), load(r.xrow(e) + c), a[0]);
+    const __m256 v = fin(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+    if (partial) {
+      _mm256_maskstore_ps(yr + c, mask, v);
+    } else {
+      _mm256_storeu_ps(yr + c, v);
     }
-    _mm256_maskstore_ps(yr + c, mask, fin(a0));
   }
 }
 

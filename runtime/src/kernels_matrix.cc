@@ -164,9 +164,11 @@ void StoredMatrix::Multiply(const float* x, int64_t n, int64_t ldx, float* y, in
                       : format_ == Format::kBlock1x4 ? ks.block1x4
                       : format_ == Format::kBlock4x1 ? ks.block4x1
                                                      : ks.dense;
-  // Units: row blocks (multiples of 4 rows, for 4x1 strips) x column blocks (multiples of 32,
-  // the widest vector tile), about 128 of them so a pool of any size balances.
-  const int64_t col_block = n <= 512 ? n : 256;
+  // Units: row blocks (multiples of 4 rows, for 4x1 strips) x column blocks of 64 (a multiple of
+  // the widest vector tile), about 128 of them so a pool of any size balances. Units run column
+  // block by column block, so one chunk of units reuses the same 64-column slab of X (K x 64
+  // floats, in L2 for K up to ~2k) across all its rows instead of streaming all of X per row.
+  const int64_t col_block = n <= 64 ? n : 64;
   const int64_t col_units = (n + col_block - 1) / col_block;
   const int64_t row_units_wanted = std::max<int64_t>(1, 128 / col_units);
   int64_t row_block = (rows_ + row_units_wanted - 1) / row_units_wanted;
@@ -175,7 +177,7 @@ void StoredMatrix::Multiply(const float* x, int64_t n, int64_t ldx, float* y, in
   const Operands io{x, ldx, y, ldy};
   auto run = [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t ri = u / col_units, ci = u % col_units;
+      const int64_t ci = u / row_units, ri = u % row_units;
       const Tile t{ri * row_block, std::min(rows_, (ri + 1) * row_block), ci * col_block,
                    std::min(n, (ci + 1) * col_block)};
       kernel(view, io, ep, t);
