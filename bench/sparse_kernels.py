@@ -56,13 +56,23 @@ def build_standalone(out_dir: "Path | None" = None) -> Path:
     out_dir = Path(out_dir or Path(tempfile.gettempdir()) / f"onnxslim-sparse-kernels-{os.getuid()}")
     out_dir.mkdir(parents=True, exist_ok=True)
     lib = out_dir / f"libonnxslim_sparse_kernels_{digest}.so"
-    if lib.is_file():
+    if lib.is_file() and all((out_dir / f"{src.stem}_{digest}.o").is_file() for src in kernel_sources()):
         return lib
+    # One object per source, kept beside the library: the tests read them to check that only
+    # kernels_avx2.o holds AVX instructions (the library must load on a CPU without AVX2).
+    objects = []
+    for src in kernel_sources():
+        obj = out_dir / f"{src.stem}_{digest}.o"
+        cmd = [cxx, "-std=c++17", "-O3", "-fPIC", "-pthread", "-c", str(src), "-o", str(obj)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise KernelError(f"standalone kernel build failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+        objects.append(obj)
     tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-    cmd = [cxx, "-std=c++17", "-O3", "-shared", "-fPIC", "-pthread", *map(str, kernel_sources()), "-o", str(tmp)]
+    cmd = [cxx, "-shared", "-pthread", *map(str, objects), "-o", str(tmp)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise KernelError(f"standalone kernel build failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+        raise KernelError(f"standalone kernel link failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
     tmp.replace(lib)
     return lib
 

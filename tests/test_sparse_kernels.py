@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +163,27 @@ def test_errors_are_messages(kernels):
     m = kernels.matrix(np.ones((3, 4), np.float32), "csr")
     assert kernels.lib.onnxslim_sparse_multiply(m.handle, None, 0, 0, None, 0, 1.0, None, 0, 1) == -1
     assert "n >= 1" in kernels.error()
+
+
+def test_only_the_avx2_unit_holds_avx_instructions():
+    """The library must load and run on a CPU without AVX2: every VEX-encoded instruction (any
+    v-prefixed mnemonic) must sit in kernels_avx2.o, which runs only after the CPU check."""
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) not found")
+    try:
+        lib = sk.build_standalone()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    digest = lib.stem.rsplit("_", 1)[1]
+    vex = re.compile(r"^\s*[0-9a-f]+:\s+(?:[0-9a-f]{2} )+\s*v[a-z0-9]+\s", re.M)
+    counts = {}
+    for src in sk.kernel_sources():
+        text = subprocess.run([objdump, "-d", str(lib.parent / f"{src.stem}_{digest}.o")], capture_output=True,
+                              text=True, check=True).stdout
+        counts[src.stem] = len(vex.findall(text))
+    assert counts.pop("kernels_avx2") > 100
+    assert counts == dict.fromkeys(counts, 0)
 
 
 def test_env_var_forces_portable_path(kernels):
