@@ -148,6 +148,8 @@ def test_choose_format(kernels):
     dense = rng.standard_normal((128, 128)).astype(np.float32)
     assert kernels.choose_format(random90, 1) == "csr"
     assert kernels.choose_format(_weight(rng, 256, 512, 0.5), 1) == "csr"
+    assert kernels.choose_format(_weight(rng, 256, 512, 0.5), 8) == "block4x1"  # X rows shared by 4 rows
+    assert kernels.choose_format(_weight(rng, 256, 512, 0.5), 32) == "csr"
     assert kernels.choose_format(strips, 32) == "block4x1"
     assert kernels.choose_format(dense, 1) == "dense"
     assert kernels.choose_format(dense, 32) == "dense"

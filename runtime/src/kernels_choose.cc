@@ -1,9 +1,9 @@
 // ChooseFormat: a cost model, not a measurement, so the choice is deterministic and free.
 //
 // Each format's time is modelled as (entries it stores) x (cost of one entry), with per-entry
-// costs fitted to measurements (below; docs/sparse_runtime.md, "Kernels"). An entry is a nonzero (CSR), a 4-value block (1x4, 4x1)
-// or a weight (dense). At batch 1 the product is bound by streaming W from memory, so the costs
-// are per byte-ish entry; at batch n > 1 every entry costs a pass over ceil(n/8) vectors of X.
+// costs fitted to measurements (below; docs/sparse_runtime.md, "Kernels"). An entry is a
+// nonzero (CSR), a 4-value block (1x4, 4x1) or a weight (dense). At batch 1 the product streams
+// W from memory once; at batch n > 1 every entry costs a pass over ceil(n/8) vectors of X.
 #include <algorithm>
 #include <cstdint>
 
@@ -43,26 +43,29 @@ Counts CountEntries(const float* w, int64_t m, int64_t k) {
   return c;
 }
 
-// Relative cost of one entry, batch 1 and per 8-column vector at batch > 1, CSR's nonzero = 1.
-// Fitted by hand to interleaved, cache-flushed medians on a 2048x4096 weight at 90 % sparsity
-// (random, 4x1- and 1x4-structured; n = 1, 8, 32, 196) on the AVX2 bench machine, where the
-// measured ratios per entry were: 1x4 block 2.2-3.2 (n = 1) and 3.6-4.0 (n > 1, structured),
-// 4x1 block 2.5-3.7 and 2.0-3.2, dense weight 0.5-1.4 and 0.5-1.6 (that machine was shared and
-// noisy; the model only has to rank formats, and CSR is never far from the best on random
-// sparsity). A block is 4 values, so a full block beats CSR when its cost is below 4. The
-// batch-1 block costs sit at the top of their range because a first bench run at 50 % random
-// sparsity (25088x4096) measured 1x4 at 0.78x dense where CSR made 1.02x.
+// Relative cost of one entry, CSR's nonzero = 1: at batch 1, and per 8-column vector at batch
+// 2..8 and above 8 (the 4x1 kernel's X-row reuse pays most when CSR has only 8-wide tiles).
+// Fitted by hand to interleaved, cache-flushed medians (bench/sparse_kernels.py, 1 thread, AVX2
+// machine) on 2048x4096 weights at 90 % sparsity (random, 4x1- and 1x4-structured; n = 1, 8,
+// 32, 196) and on the bench's random 25088x4096 and conv shapes at 50-70 %, where per entry
+// 1x4 blocks cost 2.2-3.2 (n = 1) and 3.2-4.0 (n > 1), 4x1 blocks 2.5-3.7 (n = 1), 1.7 (n = 8)
+// and 2.4-3.2 (n >= 32), dense weights 0.5-1.4 and 0.5-1.6. That machine was shared and noisy;
+// the model only has to rank formats, and CSR is never far from the best on random sparsity.
+// A block holds 4 values, so a full block beats CSR when its cost is below 4. The batch-1 block
+// costs sit at the top of their range because a first bench run at 50 % random sparsity
+// (25088x4096) measured 1x4 at 0.78x dense where CSR made 1.02x.
 struct EntryCost {
-  double batch1, per_vector;
+  double batch1, small_batch_vector, per_vector;
 };
-constexpr EntryCost kCsr{1.0, 1.0};
-constexpr EntryCost kBlock1x4{3.0, 3.8};
-constexpr EntryCost kBlock4x1{3.0, 2.5};
-constexpr EntryCost kDenseCost{0.5, 0.6};
+constexpr EntryCost kCsr{1.0, 1.0, 1.0};
+constexpr EntryCost kBlock1x4{3.0, 3.3, 3.3};
+constexpr EntryCost kBlock4x1{3.0, 1.7, 2.5};
+constexpr EntryCost kDenseCost{0.5, 0.6, 0.6};
 
 double Cost(const EntryCost& c, int64_t entries, int64_t n) {
-  return n <= 1 ? c.batch1 * static_cast<double>(entries)
-                : c.per_vector * static_cast<double>(entries) * static_cast<double>((n + 7) / 8);
+  if (n <= 1) return c.batch1 * static_cast<double>(entries);
+  const double per_vector = n <= 8 ? c.small_batch_vector : c.per_vector;
+  return per_vector * static_cast<double>(entries) * static_cast<double>((n + 7) / 8);
 }
 
 }  // namespace
