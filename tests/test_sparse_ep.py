@@ -18,6 +18,9 @@ from onnxslim_cnn.runtime import loader
 REASON = runtime.unavailable_reason()
 needs_ep = pytest.mark.skipif(REASON is not None, reason=f"sparse EP unavailable: {REASON}")
 SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
+# Forced formats: with format="auto" the EP leaves a layer to ORT when the kernels' cost model
+# would run it densely (e.g. at 0 %), so the sparsity sweeps name every stored format.
+SWEEP_FORMATS = ["csr", "block1x4", "block4x1", "dense"]
 
 
 def sparse_weight(rng, shape, sparsity, empty_rows_axis=None):
@@ -66,10 +69,11 @@ def gemm_model(rng, batch, k, n, sparsity, trans_a=0, trans_b=1, alpha=1.0, beta
 @needs_ep
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("batch", [1, 32])
-def test_gemm_bias_relu_every_sparsity(sparsity, batch):
+@pytest.mark.parametrize("fmt", SWEEP_FORMATS)
+def test_gemm_bias_relu_every_sparsity(sparsity, batch, fmt):
     rng = np.random.default_rng(int(sparsity * 100) + batch)
     model, feeds = gemm_model(rng, batch, 96, 40, sparsity, c_shape=("n",))
-    check(model, feeds, ["Gemm", "Relu"])
+    check(model, feeds, ["Gemm", "Relu"], format=fmt)
 
 
 @needs_ep
@@ -105,15 +109,16 @@ def matmul_model(rng, a_shape, n, sparsity, bias=False, relu=False):
 @needs_ep
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("batch", [1, 32])
-def test_matmul_batch_dims_every_sparsity(sparsity, batch):
+@pytest.mark.parametrize("fmt", SWEEP_FORMATS)
+def test_matmul_batch_dims_every_sparsity(sparsity, batch, fmt):
     rng = np.random.default_rng(int(sparsity * 100) + batch + 1)
     model, feeds = matmul_model(rng, (batch, 3, 64), 20, sparsity, bias=True, relu=True)
     # ORT's level-1 MatMulAddFusion would rewrite the pair into Reshape+Gemm+Reshape before
     # partitioning (also covered: the Gemm is claimed); without it the group is MatMul + Add + Relu.
     plain = ort.SessionOptions()
     plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    check(model, feeds, ["MatMul", "Add", "Relu"], sess_options=plain)
-    check(model, feeds, ["Gemm"])
+    check(model, feeds, ["MatMul", "Add", "Relu"], sess_options=plain, format=fmt)
+    check(model, feeds, ["Gemm"], format=fmt)
 
 
 @needs_ep
@@ -150,10 +155,11 @@ def model_unknown_output(nodes, x_shape, inits):
 @needs_ep
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("batch", [1, 32])
-def test_conv_every_sparsity(sparsity, batch):
+@pytest.mark.parametrize("fmt", SWEEP_FORMATS)
+def test_conv_every_sparsity(sparsity, batch, fmt):
     rng = np.random.default_rng(int(sparsity * 100) + batch + 2)
     model, feeds = conv_model(rng, (batch, 6, 9, 8), 10, (3, 3), sparsity, strides=[2, 1], pads=[1, 0, 2, 1])
-    check(model, feeds, ["Conv", "Relu"])
+    check(model, feeds, ["Conv", "Relu"], format=fmt)
 
 
 CONV_FORMS = [
@@ -223,9 +229,18 @@ def test_min_sparsity_threshold_and_shared_output():
     model = make_model(nodes, [vi("x", [3, 16])], [vi("y", [3, 8]), vi("r", [3, 12])],
                        [init("W80", w80), init("W40", w40)])
     feeds = {"x": rng.standard_normal((3, 16)).astype(np.float32)}
-    assert [n["name"] for n in check(model, feeds, ["Gemm", "Relu"], min_sparsity=0.5)] == ["fc1", "r1"]
-    check(model, feeds, ["Gemm", "Relu", "Gemm"], min_sparsity=0.3)
-    check(model, feeds, [], min_sparsity=0.9)
+    assert [n["name"] for n in check(model, feeds, ["Gemm", "Relu"], min_sparsity=0.5, format="csr")] == ["fc1", "r1"]
+    check(model, feeds, ["Gemm", "Relu", "Gemm"], min_sparsity=0.3, format="csr")
+    check(model, feeds, [], min_sparsity=0.9, format="csr")
+
+
+@needs_ep
+def test_auto_format_leaves_dense_layers_to_ort():
+    rng = np.random.default_rng(17)
+    model, feeds = gemm_model(rng, 1, 256, 128, 0.0)
+    check(model, feeds, [], min_sparsity=0.0)  # the cost model says dense: MLAS keeps it
+    model, feeds = gemm_model(rng, 1, 256, 128, 0.95)
+    check(model, feeds, ["Gemm", "Relu"], min_sparsity=0.0)
 
 
 @needs_ep

@@ -23,7 +23,7 @@ constexpr const char* kEpVersion = "0.1.0";
 constexpr const char* kOptMinSparsity = "min_sparsity";  // claim a weight with >= this share of zeros
 constexpr const char* kOptFormat = "format";              // auto | csr | block1x4 | block4x1 | dense
 // Fallback for min_sparsity; the Python side passes the measured break-even explicitly.
-constexpr float kDefaultMinSparsity = 0.5f;
+constexpr float kDefaultMinSparsity = 0.8f;  // = runtime.DEFAULT_MIN_SPARSITY
 
 struct Apis {
   const OrtApi* ort = nullptr;

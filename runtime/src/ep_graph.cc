@@ -152,6 +152,53 @@ std::optional<Tensor> ClaimableWeight(const Ort::ConstNode& node, const std::str
   return w;
 }
 
+
+// Product of the known (positive) dims; unknown ones count as 1.
+int64_t KnownProduct(const std::vector<int64_t>& dims, size_t begin, size_t end) {
+  int64_t n = 1;
+  for (size_t i = begin; i < end && i < dims.size(); ++i) n *= std::max<int64_t>(1, dims[i]);
+  return n;
+}
+
+// The weight as the kernels see it (out_features x in_features, row-major) and the number of
+// columns the products will have: the batch rows of Gemm/MatMul (1 when dynamic), the output
+// pixels of a Conv.
+struct KernelWeight {
+  std::vector<float> w;
+  int64_t rows = 0, cols = 0, n_hint = 1;
+};
+
+KernelWeight KernelWeightOf(const Ort::ConstNode& node, const Tensor& t) {
+  KernelWeight k;
+  const std::string op = node.GetOperatorType();
+  auto x_info = TensorInfo(Inputs(node)[0]);
+  const std::vector<int64_t> x_shape = x_info ? x_info->second : std::vector<int64_t>{};
+  auto transposed = [](const Tensor& a) {  // K x M -> M x K
+    const int64_t kk = a.dims[0], m = a.dims[1];
+    std::vector<float> out(static_cast<size_t>(kk * m));
+    for (int64_t r = 0; r < kk; ++r)
+      for (int64_t c = 0; c < m; ++c) out[c * kk + r] = a.data[r * m + c];
+    return out;
+  };
+  if (op == "Conv") {
+    k.rows = t.dims[0];
+    k.cols = t.size / k.rows;
+    k.w.assign(t.data, t.data + t.size);
+    auto y_info = TensorInfo(node.GetOutputs()[0]);
+    k.n_hint = y_info && y_info->second.size() == t.dims.size() ? KnownProduct(y_info->second, 2, t.dims.size()) : 256;
+    return k;
+  }
+  const bool trans_b = op == "Gemm" && ScalarAttr<int64_t>(node, "transB", 0) != 0;
+  k.rows = trans_b ? t.dims[0] : t.dims[1];
+  k.cols = trans_b ? t.dims[1] : t.dims[0];
+  k.w = trans_b ? std::vector<float>(t.data, t.data + t.size) : transposed(t);
+  if (op == "Gemm")
+    k.n_hint = x_shape.size() == 2 ? std::max<int64_t>(1, ScalarAttr<int64_t>(node, "transA", 0) ? x_shape[1] : x_shape[0]) : 1;
+  else
+    k.n_hint = x_shape.empty() ? 1 : KnownProduct(x_shape, 0, x_shape.size() - 1);
+  return k;
+}
+
 }  // namespace
 
 std::vector<std::vector<Ort::ConstNode>> FindClaims(const Ort::ConstGraph& graph, const EpConfig& config) {
@@ -166,6 +213,12 @@ std::vector<std::vector<Ort::ConstNode>> FindClaims(const Ort::ConstGraph& graph
     if (op != "Gemm" && op != "MatMul" && op != "Conv") continue;
     auto w = ClaimableWeight(node, op, config);
     if (!w) continue;
+    if (config.format < 0) {
+      // When the kernels' own cost model would run this layer densely, ORT's MLAS does that
+      // better: leave it to the CPU EP.
+      const KernelWeight k = KernelWeightOf(node, *w);
+      if (SparseMatrix::ChooseFormat(k.w.data(), k.rows, k.cols, k.n_hint) == Format::kDense) continue;
+    }
     std::vector<Ort::ConstNode> group{node};
     Ort::ConstValueInfo tail = node.GetOutputs()[0];
     if (op == "MatMul") {
@@ -210,47 +263,26 @@ std::unique_ptr<SparseOp> BuildSparseOp(const Ort::ConstGraph& group, const Ort:
   auto w = ConstantFloat(inputs[1]);
   if (!w) throw Ort::Exception(op->name + ": weight is not a constant float tensor", ORT_EP_FAIL);
 
-  // The kernel's W is out_features x in_features, row-major.
-  std::vector<float> dense;
-  int64_t rows = 0, cols = 0, n_hint = 1;
-  auto x_info = TensorInfo(inputs[0]);
-  const std::vector<int64_t> x_shape = x_info ? x_info->second : std::vector<int64_t>{};
-  auto transposed = [&](const Tensor& t) {  // t is K x M -> M x K
-    const int64_t k = t.dims[0], m = t.dims[1];
-    std::vector<float> out(static_cast<size_t>(k * m));
-    for (int64_t r = 0; r < k; ++r)
-      for (int64_t c = 0; c < m; ++c) out[c * k + r] = t.data[r * m + c];
-    return out;
-  };
+  KernelWeight k = KernelWeightOf(*main, *w);
   if (type == "Gemm") {
     op->kind = OpKind::kGemm;
     op->alpha = ScalarAttr<float>(*main, "alpha", 1.0f);
     const float beta = ScalarAttr<float>(*main, "beta", 1.0f);
     op->trans_a = ScalarAttr<int64_t>(*main, "transA", 0) != 0;
-    const bool trans_b = ScalarAttr<int64_t>(*main, "transB", 0) != 0;
-    rows = trans_b ? w->dims[0] : w->dims[1];
-    cols = trans_b ? w->dims[1] : w->dims[0];
-    dense = trans_b ? std::vector<float>(w->data, w->data + w->size) : transposed(*w);
     if (inputs.size() > 2 && inputs[2] != nullptr) {
       auto c = ConstantFloat(inputs[2]);
-      op->bias.assign(static_cast<size_t>(rows), 0.0f);
-      for (int64_t i = 0; i < rows; ++i) op->bias[i] = beta * c->data[c->size == 1 ? 0 : i];
+      op->bias.assign(static_cast<size_t>(k.rows), 0.0f);
+      for (int64_t i = 0; i < k.rows; ++i) op->bias[i] = beta * c->data[c->size == 1 ? 0 : i];
     }
-    if (x_shape.size() == 2) n_hint = op->trans_a ? x_shape[1] : x_shape[0];
   } else if (type == "MatMul") {
     op->kind = OpKind::kMatMul;
-    rows = w->dims[1];
-    cols = w->dims[0];
-    dense = transposed(*w);
     if (add) {
       auto add_inputs = Inputs(*add);
       const std::string produced = main->GetOutputs()[0].GetName();
       auto bias = ConstantFloat(add_inputs[add_inputs[0].GetName() == produced ? 1 : 0]);
-      op->bias.assign(static_cast<size_t>(rows), 0.0f);
-      for (int64_t i = 0; i < rows; ++i) op->bias[i] = bias->data[bias->size == 1 ? 0 : i];
+      op->bias.assign(static_cast<size_t>(k.rows), 0.0f);
+      for (int64_t i = 0; i < k.rows; ++i) op->bias[i] = bias->data[bias->size == 1 ? 0 : i];
     }
-    n_hint = 1;
-    for (size_t i = 0; i + 1 < x_shape.size(); ++i) n_hint *= x_shape[i];
   } else {
     op->kind = OpKind::kConv;
     const size_t rank = w->dims.size() - 2;
@@ -268,24 +300,14 @@ std::unique_ptr<SparseOp> BuildSparseOp(const Ort::ConstGraph& group, const Ort:
         c.pad_end[off + i] = pads[rank + i];
       }
     }
-    rows = w->dims[0];
-    cols = w->size / rows;
-    dense.assign(w->data, w->data + w->size);
     if (inputs.size() > 2 && inputs[2] != nullptr) {
       auto b = ConstantFloat(inputs[2]);
       op->bias.assign(b->data, b->data + b->size);
     }
-    auto y_info = TensorInfo(main->GetOutputs()[0]);
-    n_hint = 1;
-    if (y_info && y_info->second.size() == rank + 2)
-      for (size_t i = 2; i < y_info->second.size(); ++i) n_hint *= std::max<int64_t>(1, y_info->second[i]);
-    else
-      n_hint = 256;
   }
-  n_hint = std::max<int64_t>(1, n_hint);
   const Format format = config.format >= 0 ? static_cast<Format>(config.format)
-                                           : SparseMatrix::ChooseFormat(dense.data(), rows, cols, n_hint);
-  op->w = SparseMatrix::FromDense(dense.data(), rows, cols, format);
+                                           : SparseMatrix::ChooseFormat(k.w.data(), k.rows, k.cols, k.n_hint);
+  op->w = SparseMatrix::FromDense(k.w.data(), k.rows, k.cols, format);
 
   // Where the activation sits among the fused node's runtime inputs (constants are dropped).
   const std::string x_name = inputs[0].GetName();
