@@ -272,9 +272,10 @@ def _flush() -> None:
     np.add(FLUSH, 1.0, out=FLUSH)
 
 
-def _interleaved_medians(calls: dict, reps: int) -> dict:
-    """Median seconds of each call, run in rotating order rep after rep, so that load from other
-    processes on a shared machine hits every candidate alike (ratios stay meaningful)."""
+def _interleaved_times(calls: dict, reps: int) -> dict:
+    """Seconds of each call per rep, candidates run in rotating order rep after rep (caches
+    flushed before each), so that load from other processes on a shared machine hits every
+    candidate alike and one rep's times are close together in time."""
     times = {k: [] for k in calls}
     names = list(calls)
     for fn in calls.values():
@@ -285,7 +286,11 @@ def _interleaved_medians(calls: dict, reps: int) -> dict:
             t0 = time.perf_counter()
             calls[name]()
             times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def _interleaved_medians(calls: dict, reps: int) -> dict:
+    return {k: statistics.median(v) for k, v in _interleaved_times(calls, reps).items()}
 
 
 def _sparse_weight(rng, dense: np.ndarray, sparsity: float, structure: str) -> np.ndarray:
@@ -313,25 +318,30 @@ def bench_shape(kern: Kernels, name, m, k, batches, sparsities, structure, reps,
                 calls = {f: (lambda mat=mat: mat.multiply(x, threads=threads)) for f, mat in mats.items()}
                 calls["dense_numpy"] = lambda: w @ x
                 with threadpool_limits(limits=threads):
-                    med = _interleaved_medians(calls, reps)
+                    times = _interleaved_times(calls, reps)
+                med = {k: statistics.median(v) for k, v in times.items()}
+                # Median over reps of the ratio within one rep: steadier than a ratio of medians
+                # when the machine's load drifts during the run.
+                paired = {f: statistics.median(d / t for d, t in zip(times["dense_numpy"], times[f])) for f in mats}
                 dense_s = med["dense_numpy"]
                 out["runs"].append({
                     "sparsity": sparsity, "n": n, "threads": threads, "chosen": chosen,
                     "dense_ms": round(dense_s * 1e3, 4),
                     "ms": {f: round(med[f] * 1e3, 4) for f in mats},
                     "speedup_vs_dense": {f: round(dense_s / med[f], 3) for f in mats},
-                    "chosen_speedup": round(dense_s / med[chosen], 3) if chosen in med else 1.0,
+                    "speedup_vs_dense_paired": {f: round(paired[f], 3) for f in mats},
+                    "chosen_speedup": round(paired[chosen], 3) if chosen in paired else 1.0,
                     "best_format": min(mats, key=lambda f: med[f]),
                 })
                 print(f"{name} {structure} s={sparsity} n={n} t={threads}: dense {dense_s * 1e3:.2f} ms, "
-                      + ", ".join(f"{f} {dense_s / med[f]:.2f}x" for f in mats) + f", chosen {chosen}",
+                      + ", ".join(f"{f} {paired[f]:.2f}x" for f in mats) + f", chosen {chosen}",
                       file=sys.stderr, flush=True)
     return out
 
 
 def break_even(runs: list) -> list:
     """Per (n, threads): the lowest measured sparsity from which ChooseFormat's pick beats dense
-    at every higher measured sparsity too (None when it never does)."""
+    (paired ratio > 1) at every higher measured sparsity too (None when it never does)."""
     found = []
     for key in sorted({(r["n"], r["threads"]) for r in runs}):
         rs = sorted((r for r in runs if (r["n"], r["threads"]) == key), key=lambda r: r["sparsity"])
@@ -366,9 +376,11 @@ def main(argv=None) -> None:
     emit({"bench": "sparse_kernels", "machine": machine(kernel_isa=kern.isa(), kernel_library=kern.path.name,
                                                     load_average_1_5_15min_at_end=os.getloadavg(),
                                                     blas=[i.get("internal_api") for i in threadpoolctl.threadpool_info()]),
-          "method": ("median of --reps calls per candidate, candidates interleaved, caches flushed (64 MiB write) "
-                     "before every call; dense = numpy float32 matmul (OpenBLAS) at the same thread count; "
-                     "random unstructured sparsity unless structure says 4x1"),
+          "method": ("--reps calls per candidate, candidates interleaved, caches flushed (64 MiB write) before "
+                     "every call; ms = medians; speedup_vs_dense = ratio of medians; speedup_vs_dense_paired and "
+                     "chosen_speedup (ChooseFormat's pick; 1.0 when it picks dense) = median over reps of the "
+                     "ratio within one rep; break_even from chosen_speedup; dense = numpy float32 matmul "
+                     "(OpenBLAS) at the same thread count; random unstructured sparsity unless structure is 4x1"),
           "reps": args.reps, "results": results}, args.out)
 
 
