@@ -73,7 +73,7 @@ def session(model, providers: "list[str] | None" = None, min_sparsity: "float | 
     if sess_options is not None:  # the fields users set; add_provider_for_devices needs our own object
         for field in ("graph_optimization_level", "intra_op_num_threads", "inter_op_num_threads",
                       "execution_mode", "log_severity_level", "enable_cpu_mem_arena", "enable_mem_pattern",
-                      "optimized_model_filepath"):
+                      "optimized_model_filepath", "enable_profiling", "profile_file_prefix"):
             setattr(options, field, getattr(sess_options, field))
     options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
     options.add_provider_for_devices(ours[:1], {"min_sparsity": repr(min_sparsity), "format": format})
