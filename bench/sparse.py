@@ -40,7 +40,8 @@ CONV = {"resnet50_layer2_3x3": (128, 128, 3, 28, 1), "resnet50_layer3_3x3": (256
 SPARSITIES = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
 BATCHES = [1, 8, 32]
 BUDGET_S = 0.5  # wall time per contender per measurement; repeats = budget / one run, 3..15
-SLOW_S = 1.0  # slower than this: one timed run only
+SLOW_S = 1.0  # slower than this: one timed run only (layers)
+MODEL_BUDGET_S = 6.0  # whole models: their time varies more run to run, so more repeats
 
 
 def sparse_weight(rng, shape, sparsity):
@@ -92,7 +93,7 @@ def dense_session(model, threads):
     return ort.InferenceSession(model, options(threads), providers=["CPUExecutionProvider"])
 
 
-def round_robin(runs: dict) -> dict:
+def round_robin(runs: dict, budget: float = BUDGET_S) -> dict:
     """Median ms of each zero-argument callable, alternating them so load drift hits all alike.
 
     A contender whose single run exceeds SLOW_S is timed once (reported as such): ORT's
@@ -104,8 +105,8 @@ def round_robin(runs: dict) -> dict:
         t = time.perf_counter()
         fn()
         one[name] = time.perf_counter() - t
-    timed = [n for n in runs if one[n] <= SLOW_S]
-    repeats = int(min(15, max(3, BUDGET_S / max([one[n] for n in timed] or [1.0]))))
+    timed = [n for n in runs if one[n] <= SLOW_S or budget > BUDGET_S]
+    repeats = int(min(15, max(3, budget / max([one[n] for n in timed] or [1.0]))))
     times = {name: [] for name in timed}
     for _ in range(repeats):
         for name in timed:
@@ -180,7 +181,7 @@ def break_even(rows):
     return result
 
 
-def bench_models(names, ratios, threads_list, rng, log):
+def bench_models(names, ratios, threads_list, rng, log, scope="global"):
     import onnxslim_cnn
     from onnxslim_cnn.models.reference import build
 
@@ -192,7 +193,7 @@ def bench_models(names, ratios, threads_list, rng, log):
         feed_name = base.graph.input[0].name
         for ratio in ratios:
             pruned, _ = onnxslim_cnn.compress(base, passes=["sparsify"], fidelity=False,
-                                              options={"sparsify": {"ratio": ratio}})
+                                              options={"sparsify": {"ratio": ratio, "scope": scope}})
             data = pruned.SerializeToString()
             for threads in threads_list:
                 dense = dense_session(data, threads)
@@ -200,8 +201,8 @@ def bench_models(names, ratios, threads_list, rng, log):
                 claimed = runtime.claimed_nodes(ours)
                 got, ref = ours.run(None, {feed_name: x})[0], dense.run(None, {feed_name: x})[0]
                 ms = round_robin({"ort_dense": lambda: dense.run(None, {feed_name: x}),
-                                  "sparse_ep": lambda: ours.run(None, {feed_name: x})})
-                row = {"model": name, "sparsify_ratio": ratio, "batch": x.shape[0], "threads": threads, "ms": ms,
+                                  "sparse_ep": lambda: ours.run(None, {feed_name: x})}, budget=MODEL_BUDGET_S)
+                row = {"model": name, "sparsify_ratio": ratio, "sparsify_scope": scope, "batch": x.shape[0], "threads": threads, "ms": ms,
                        "speedup_vs_dense": round(ms["ort_dense"] / ms["sparse_ep"], 3),
                        "claimed_nodes": len(claimed),
                        "claimed_ops": sorted({n["op_type"] for n in claimed}),
@@ -219,6 +220,9 @@ def main(argv=None):
     p.add_argument("--layers", help="comma-separated layer names (default: all; '' = none)")
     p.add_argument("--models", default="vgg16,resnet50", help="comma-separated reference models ('' = none)")
     p.add_argument("--threads", default="1,2")
+    p.add_argument("--scope", default="global", choices=["global", "layer"],
+                   help="sparsify scope for the end-to-end models (global = one magnitude threshold)")
+    p.add_argument("--ratios", default="0.8,0.9", help="sparsify ratios for the end-to-end models")
     args = p.parse_args(argv)
     reason = runtime.unavailable_reason()
     if reason:
@@ -233,7 +237,7 @@ def main(argv=None):
     from onnxslim_cnn.runtime.loader import library_path
 
     layer_rows = bench_layers(layers, sparsities, batches, threads_list, rng, log)
-    model_rows = bench_models(models, [0.8, 0.9], threads_list, rng, log)
+    model_rows = bench_models(models, [float(r) for r in args.ratios.split(",")], threads_list, rng, log, args.scope)
     isa = None
     try:
         import ctypes
