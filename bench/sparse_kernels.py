@@ -354,6 +354,36 @@ def break_even(runs: list) -> list:
     return found
 
 
+def isa_comparison(kern: Kernels, reps: int, rng) -> list:
+    """The portable loops (what a CPU without AVX2 runs) against the AVX2 ones and dense, 1 thread,
+    CSR at 90 % random sparsity."""
+    from threadpoolctl import threadpool_limits
+
+    rows = []
+    for name, m, k, n in [("vgg16_fc6_25088x4096", 4096, 25088, 1), ("vgg16_fc7_4096x4096", 4096, 4096, 32),
+                          ("resnet50_conv3x3_256x2304_n196", 256, 2304, 196)]:
+        w = _sparse_weight(rng, rng.standard_normal((m, k), dtype=np.float32), 0.9, "random")
+        x = rng.standard_normal((k, n), dtype=np.float32)
+        mat = kern.matrix(w, "csr")
+
+        def run(isa):
+            kern.set_isa(isa)
+            mat.multiply(x)
+
+        with threadpool_limits(limits=1):
+            times = _interleaved_times({"avx2+fma": lambda: run("avx2+fma"), "portable": lambda: run("portable"),
+                                        "dense_numpy": lambda: w @ x}, reps)
+        kern.set_isa("auto")
+        rows.append({"shape": name, "n": n, "sparsity": 0.9,
+                     "ms": {k: round(statistics.median(v) * 1e3, 4) for k, v in times.items()},
+                     "portable_over_avx2_time": round(statistics.median(
+                         p / a for p, a in zip(times["portable"], times["avx2+fma"])), 3),
+                     "portable_speedup_vs_dense": round(statistics.median(
+                         d / p for d, p in zip(times["dense_numpy"], times["portable"])), 3)})
+        print(f"isa {name} n={n}: {rows[-1]}", file=sys.stderr, flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="also write the JSON here (bench/results_sparse_kernels.json)")
@@ -371,6 +401,7 @@ def main(argv=None) -> None:
         results.append(bench_shape(kern, "vgg16_fc7_4096x4096", 4096, 4096, [1, 32], [0.8, 0.9], "4x1", args.reps, rng))
     for r in results:
         r["break_even"] = break_even(r["runs"])
+    portable = [] if args.quick or kern.isa() != "avx2+fma" else isa_comparison(kern, args.reps, rng)
     import threadpoolctl
 
     emit({"bench": "sparse_kernels", "machine": machine(kernel_isa=kern.isa(), kernel_library=kern.path.name,
@@ -381,7 +412,7 @@ def main(argv=None) -> None:
                      "chosen_speedup (ChooseFormat's pick; 1.0 when it picks dense) = median over reps of the "
                      "ratio within one rep; break_even from chosen_speedup; dense = numpy float32 matmul "
                      "(OpenBLAS) at the same thread count; random unstructured sparsity unless structure is 4x1"),
-          "reps": args.reps, "results": results}, args.out)
+          "reps": args.reps, "results": results, "portable_vs_avx2": portable}, args.out)
 
 
 if __name__ == "__main__":
