@@ -270,3 +270,11 @@ def test_bad_options_are_user_errors():
     assert "min_sparsity must be in [0, 1]" in user_error(runtime.session, model, min_sparsity=1.5)
     assert "format must be one of" in user_error(runtime.session, model, format="coo")
     assert "is not offered" in user_error(runtime.session, model, providers=["NoSuchExecutionProvider"])
+
+
+def test_old_onnxruntime_is_refused_with_the_version(monkeypatch):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "__version__", "1.20.1")
+    msg = user_error(loader.check_onnxruntime)
+    assert "needs onnxruntime >= 1.24" in msg and "this is onnxruntime 1.20.1" in msg
