@@ -162,7 +162,7 @@ def bench_layers(names, sparsities, batches, threads_list, rng, log):
                         row["sparse_to_dense_matmul_vs_dense"] = round(ms["ort_dense"] / ms["ort_sparse_to_dense_matmul"], 3)
                     log(row)
                     rows.append(row)
-                del dense, ours, std
+                dense = ours = std = None  # free the big sessions before the next ones
     return rows
 
 
@@ -182,8 +182,9 @@ def break_even(rows):
 
 
 def bench_models(names, ratios, threads_list, rng, log, scope="global"):
-    import onnxslim_cnn
     from onnxslim_cnn.models.reference import build
+
+    import onnxslim_cnn
 
     rows = []
     for name in names:
@@ -209,7 +210,7 @@ def bench_models(names, ratios, threads_list, rng, log, scope="global"):
                        "max_rel_diff": float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))}
                 log(row)
                 rows.append(row)
-                del dense, ours
+                dense = ours = None
     return rows
 
 

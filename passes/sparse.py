@@ -15,11 +15,11 @@ import dataclasses
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnxslim_cnn.runtime import DEFAULT_MIN_SPARSITY
 
 from onnxslim_cnn.graph import Graph
 from onnxslim_cnn.options import option
 from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
-from onnxslim_cnn.runtime import DEFAULT_MIN_SPARSITY
 from onnxslim_cnn.sparse_storage import INDEX_BYTES
 
 # Speedup of the sparse EP over ORT's dense CPU kernel, batch 1, one thread, median over the

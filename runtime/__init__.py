@@ -15,8 +15,13 @@ from __future__ import annotations
 
 import os
 
-from .loader import (EP_NAME, SparseRuntimeUnavailable, check_onnxruntime, ensure_registered,
-                     library_path)
+from .loader import (
+    EP_NAME,
+    SparseRuntimeUnavailable,
+    check_onnxruntime,
+    ensure_registered,
+    library_path,
+)
 
 # Default claim threshold, from the bench (bench/results_sparse.json, one thread): FC layers beat
 # ORT's dense MLAS from 50-60 % zeros at batch 1 but only from 70-80 % at batch 8/32, the

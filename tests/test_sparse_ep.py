@@ -11,9 +11,9 @@ import onnxruntime as ort
 import pytest
 from graphs import init, make_model, run, user_error, vi
 from onnx import helper as h
+from onnxslim_cnn.runtime import loader
 
 from onnxslim_cnn import runtime
-from onnxslim_cnn.runtime import loader
 
 REASON = runtime.unavailable_reason()
 needs_ep = pytest.mark.skipif(REASON is not None, reason=f"sparse EP unavailable: {REASON}")

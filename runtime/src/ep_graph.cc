@@ -120,7 +120,7 @@ std::optional<Tensor> ClaimableWeight(const Ort::ConstNode& node, const std::str
   auto w = ConstantFloat(inputs[1]);
   if (!w) return std::nullopt;
   if (op == "Gemm") {
-    if (w->dims.size() != 2 || ScalarAttr<int64_t>(node, "transA", 0) < 0) return std::nullopt;
+    if (w->dims.size() != 2) return std::nullopt;
     if (inputs.size() > 2 && inputs[2] != nullptr) {
       auto c = ConstantFloat(inputs[2]);
       if (!c || !PerFeatureBias(*c, GemmOutFeatures(node, *w), 2)) return std::nullopt;
