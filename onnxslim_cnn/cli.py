@@ -26,6 +26,7 @@ SUBCOMMANDS: "dict[str, tuple[str, str]]" = {
     "fpga": ("onnxslim_cnn.passes.fpga", "main"),
     "pack": ("onnxslim_cnn.pack_cli", "pack_main"),
     "unpack": ("onnxslim_cnn.pack_cli", "unpack_main"),
+    "bench": ("onnxslim_cnn.runtime.cli_bench", "main"),
 }
 
 

@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from .errors import UserError
+from .sparse_storage import densify, store_sparse
 
 # Protobuf cannot serialize a message of 2 GiB or more; beyond this we go through external data.
 PROTO_LIMIT = 2**31 - 1
@@ -319,6 +320,8 @@ class Graph:
         self._template = template  # a ModelProto without graph: opset, metadata, functions
         self._names: set[str] | None = None
         self.source: "onnx.ModelProto | None" = None
+        # initializers to_model stores sparse, as Constant(sparse_value) (see sparse_storage.py)
+        self.sparse_initializers: set[str] = set()
 
     # construction ------------------------------------------------------------------------
     @classmethod
@@ -326,9 +329,11 @@ class Graph:
         work = onnx.ModelProto()
         work.CopyFrom(model)
         constants_to_initializers(work)
+        sparse_names = densify(work)  # gs carries no sparse tensors: hold them dense
         if shapes:
             annotate_shapes(work)
         graph = cls(gs.import_onnx(work), _without_graph(work))
+        graph.sparse_initializers = sparse_names
         graph.source = model  # the model this graph was built from (for activation capture)
         return graph
 
@@ -352,6 +357,7 @@ class Graph:
             listed = {i.name for i in model.graph.input}
             model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
                                      for t in model.graph.initializer if t.name not in listed)
+        store_sparse(model, self.sparse_initializers)
         return model
 
     def refresh_shapes(self, *, outputs: bool = False) -> None:

@@ -7,8 +7,9 @@ from .prune import PrunePass
 from .q8 import Q8Pass
 from .share import SharePass
 from .slim import SlimPass
+from .sparse import SparsePass
 from .sparsify import SparsifyPass
 from .svd import SvdPass
 
-__all__ = ["Fp16Pass", "FpgaPass", "LowrankPass", "PrunePass", "Q8Pass", "SharePass", "SlimPass", "SparsifyPass",
-           "SvdPass"]
+__all__ = ["Fp16Pass", "FpgaPass", "LowrankPass", "PrunePass", "Q8Pass", "SharePass", "SlimPass", "SparsePass",
+           "SparsifyPass", "SvdPass"]

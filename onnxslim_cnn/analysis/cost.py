@@ -55,6 +55,11 @@ def count_params(model: onnx.ModelProto) -> int:
                     total += len(a.floats)
                 elif a.name == "value_float":
                     total += 1
+                elif a.name == "sparse_value" and a.sparse_tensor.values.data_type in PARAM_TYPES:
+                    total += int(np.prod(a.sparse_tensor.dims, dtype=np.int64))  # stored sparse, same tensor
+    for sp in model.graph.sparse_initializer:
+        if sp.values.data_type in PARAM_TYPES:
+            total += int(np.prod(sp.dims, dtype=np.int64))
     return total
 
 

@@ -1,0 +1,130 @@
+"""Pass ``sparse``: get a pruned model ready for the sparse runtime (run it after ``sparsify``).
+
+For every Gemm / MatMul / Conv that the sparse execution provider (onnxslim_cnn.runtime) would
+claim at ``min_sparsity``, the pass reports the layer's sparsity and the speedup over ORT's
+dense kernel expected from the bench (bench/results_sparse.json, batch 1, one thread) and, with
+``store=true``, keeps its weight sparse in the file so the file shrinks too: an ONNX Constant
+node with a ``sparse_value`` (COO), which ONNX Runtime densifies at load, so the model stays
+standard ONNX (why not a graph ``sparse_initializer``: see onnxslim_cnn/sparse_storage.py).
+The graph's computation is unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from onnxslim_cnn.runtime import DEFAULT_MIN_SPARSITY
+
+from onnxslim_cnn.graph import Graph
+from onnxslim_cnn.options import option
+from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
+from onnxslim_cnn.sparse_storage import INDEX_BYTES
+
+# Speedup of the sparse EP over ORT's dense CPU kernel, batch 1, one thread, median over the
+# bench's layer shapes of each kind (FC: VGG-16 fc6/fc7, ddddocr 1024x8210; conv: four ResNet-50
+# layers), by sparsity, from bench/results_sparse.json. Linear in between; below 50 % the pass
+# says "not measured" (None).
+EXPECTED_SPEEDUP = {
+    "fc": [(0.5, 1.0), (0.6, 1.17), (0.7, 1.28), (0.8, 2.73), (0.9, 5.66), (0.95, 11.47)],
+    "conv": [(0.5, 0.48), (0.6, 0.7), (0.7, 0.89), (0.8, 1.26), (0.9, 1.7), (0.95, 3.11)],
+}
+
+
+def expected_speedup(kind: str, sparsity: float) -> "float | None":
+    points = EXPECTED_SPEEDUP[kind]
+    if sparsity < points[0][0]:
+        return None
+    if sparsity >= points[-1][0]:
+        return points[-1][1]
+    for (s0, v0), (s1, v1) in zip(points, points[1:]):
+        if s0 <= sparsity <= s1:
+            return round(v0 + (v1 - v0) * (sparsity - s0) / (s1 - s0), 2)
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseOptions:
+    min_sparsity: float = option(DEFAULT_MIN_SPARSITY, "share of zeros from which a layer is taken by the sparse "
+                                 "execution provider (as runtime.session's min_sparsity)", min=0.0, max=1.0)
+    store: bool = option(True, "store those weights sparse in the file (ONNX Constant sparse_value, COO) where "
+                               "that makes them smaller (int64 indices: fewer than 1/3 nonzeros)")
+
+
+def claim_problem(node: gs.Node) -> "str | None":
+    """Why the sparse EP would not take ``node`` whatever its sparsity (mirror of ep_graph.cc)."""
+    if node.domain not in ("", "ai.onnx", None):
+        return "not an ONNX-domain op"
+    if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+        return "weight (input 1) is not a constant"
+    if isinstance(node.inputs[0], gs.Constant):
+        return "activation (input 0) is a constant"
+    w = node.inputs[1]
+    if np.dtype(w.dtype) != np.float32:
+        return f"weight is {np.dtype(w.dtype)}, not float32"
+    rank = len(w.shape)
+    if node.op in ("Gemm", "MatMul") and rank != 2:
+        return f"weight is {rank}-D, not 2-D"
+    if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+        c = node.inputs[2]
+        features = w.shape[0] if int(node.attrs.get("transB", 0)) else w.shape[1]
+        if not isinstance(c, gs.Constant):
+            return "bias C is not a constant"
+        dims = list(c.shape)
+        size = int(np.prod(dims)) if dims else 1
+        if len(dims) > 2 or size not in (1, features) or any(d != 1 for d in dims[:-1]):
+            return f"bias C of shape {dims} is not per output feature"
+    if node.op == "Conv":
+        if rank not in (3, 4):
+            return f"{rank - 2}-D convolution"
+        if int(node.attrs.get("group", 1)) != 1:
+            return "grouped / depthwise convolution"
+        if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name and \
+                not isinstance(node.inputs[2], gs.Constant):
+            return "bias is not a constant"
+    return None
+
+
+@register_pass
+class SparsePass(Pass):
+    name = "sparse"
+    summary = ("Prepare a pruned model for the sparse runtime: report each Gemm/MatMul/Conv the sparse "
+               "execution provider would take (sparsity, expected speedup) and store those weights sparse "
+               "(Constant sparse_value, COO) so the file shrinks. Run after sparsify.")
+    Options = SparseOptions
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        o = self.options
+        result = PassResult()
+        layers = stored_bytes = dense_bytes = 0
+        report = []
+        for node in graph.nodes:
+            if node.op not in ("Gemm", "MatMul", "Conv"):
+                continue
+            problem = claim_problem(node)
+            if problem:
+                result.skip(node.name, problem)
+                continue
+            w = node.inputs[1]
+            values = np.asarray(w.values)
+            sparsity = float(1.0 - np.count_nonzero(values) / values.size) if values.size else 0.0
+            if sparsity < o.min_sparsity:
+                result.skip(node.name, f"sparsity {sparsity:.3f} < min_sparsity {o.min_sparsity}")
+                continue
+            layers += 1
+            nnz = int(np.count_nonzero(values))
+            coo = nnz * (values.itemsize + INDEX_BYTES)
+            details = {"sparsity": round(sparsity, 4), "shape": list(values.shape),
+                       "expected_speedup": expected_speedup("conv" if node.op == "Conv" else "fc", sparsity)}
+            if o.store and coo < values.nbytes and w.name not in graph.sparse_initializers:
+                graph.sparse_initializers.add(w.name)
+                stored_bytes += coo
+                dense_bytes += values.nbytes
+                details["bytes"] = {"dense": int(values.nbytes), "sparse": int(coo)}
+                result.change(node.name, "sparse weight stored", **details)
+            report.append({"node": node.name, **details})
+        result.stats["layers"] = layers
+        result.stats["expected"] = report  # every layer the EP would take, stored sparse or not
+        result.stats["bytes_saved"] = int(dense_bytes - stored_bytes)
+        return result

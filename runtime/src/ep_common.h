@@ -1,0 +1,56 @@
+// Shared by the execution-provider files (ep_*.cc): ORT API access, option names, status helpers.
+// The ORT headers come from the pinned download (runtime/build_ep.py); ORT_API_MANUAL_INIT is
+// defined on the command line so the C++ wrappers never reference OrtGetApiBase: the API table
+// arrives through CreateEpFactories and the library does not link libonnxruntime.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "onnxruntime_cxx_api.h"
+
+namespace onnxslim_ep {
+
+// The graph / plugin-EP entry points used here exist from API 23; 24 (onnxruntime 1.24) is the
+// oldest release this EP is tested against and the oldest it accepts.
+constexpr uint32_t kMinOrtApiVersion = 24;
+constexpr const char* kEpName = "OnnxSlimSparseEP";
+constexpr const char* kEpVendor = "onnxslim-cnn";
+constexpr const char* kEpVersion = "0.1.0";
+
+// Provider options (add_provider_for_devices(..., {"min_sparsity": "0.6"})).
+constexpr const char* kOptMinSparsity = "min_sparsity";  // claim a weight with >= this share of zeros
+constexpr const char* kOptFormat = "format";              // auto | csr | block1x4 | block4x1 | dense
+// Fallback for min_sparsity; the Python side passes the measured break-even explicitly.
+constexpr float kDefaultMinSparsity = 0.8f;  // = runtime.DEFAULT_MIN_SPARSITY
+
+struct Apis {
+  const OrtApi* ort = nullptr;
+  const OrtEpApi* ep = nullptr;
+};
+const Apis& GetApis();
+
+inline OrtStatus* MakeStatus(const std::string& msg, OrtErrorCode code = ORT_EP_FAIL) {
+  return GetApis().ort->CreateStatus(code, msg.c_str());
+}
+
+struct EpConfig {
+  float min_sparsity = kDefaultMinSparsity;
+  int format = -1;  // -1 = auto (SparseMatrix::ChooseFormat), else onnxslim_sparse::Format
+};
+
+}  // namespace onnxslim_ep
+
+#define ONNXSLIM_EP_TRY try {
+#define ONNXSLIM_EP_CATCH                                                                   \
+  }                                                                                         \
+  catch (const Ort::Exception& ex) {                                                        \
+    return onnxslim_ep::MakeStatus(ex.what(), ex.GetOrtErrorCode());                        \
+  }                                                                                         \
+  catch (const std::exception& ex) {                                                        \
+    return onnxslim_ep::MakeStatus(ex.what());                                              \
+  }                                                                                         \
+  catch (...) {                                                                             \
+    return onnxslim_ep::MakeStatus("unknown C++ exception in " + std::string(__func__));    \
+  }

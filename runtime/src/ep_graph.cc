@@ -1,0 +1,327 @@
+// Claim rules. A node is taken only when its weight is a float32 constant initializer with at
+// least `min_sparsity` exact zeros and every attribute is one the compiled op reproduces exactly;
+// anything else stays with the next EP (the CPU EP). A following Relu (and for MatMul a bias
+// Add) joins the group only when the op's output feeds nothing else.
+#include "ep_graph.h"
+
+#include <algorithm>
+#include <optional>
+#include <set>
+
+namespace onnxslim_ep {
+
+namespace {
+
+using onnxslim_sparse::Activation;
+using onnxslim_sparse::Format;
+using onnxslim_sparse::SparseMatrix;
+
+struct Tensor {
+  std::vector<int64_t> dims;
+  const float* data = nullptr;
+  int64_t size = 0;
+};
+
+bool IsDefaultDomain(const Ort::ConstNode& node) {
+  const std::string d = node.GetDomain();
+  return d.empty() || d == "ai.onnx";
+}
+
+// Shape and element type of a value; nullopt when it is not a tensor.
+std::optional<std::pair<ONNXTensorElementDataType, std::vector<int64_t>>> TensorInfo(const Ort::ConstValueInfo& v) {
+  auto type = v.TypeInfo();
+  if (type.GetONNXType() != ONNX_TYPE_TENSOR) return std::nullopt;
+  auto info = type.GetTensorTypeAndShapeInfo();
+  return std::make_pair(info.GetElementType(), info.GetShape());
+}
+
+bool IsFloat(const Ort::ConstValueInfo& v) {
+  auto info = TensorInfo(v);
+  return info && info->first == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+
+std::optional<Tensor> ConstantFloat(const Ort::ConstValueInfo& v) {
+  if (v == nullptr || !v.IsConstantInitializer()) return std::nullopt;
+  Ort::ConstValue value{nullptr};
+  if (!v.GetInitializer(value).IsOK() || value == nullptr) return std::nullopt;
+  auto info = value.GetTensorTypeAndShapeInfo();
+  if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return std::nullopt;
+  Tensor t;
+  t.dims = info.GetShape();
+  t.size = static_cast<int64_t>(info.GetElementCount());
+  t.data = value.GetTensorData<float>();
+  return t;
+}
+
+double ZeroShare(const Tensor& t) {
+  if (t.size == 0) return 0.0;
+  const int64_t zeros = std::count(t.data, t.data + t.size, 0.0f);  // -0.0f == 0.0f too
+  return static_cast<double>(zeros) / static_cast<double>(t.size);
+}
+
+template <typename T>
+T ScalarAttr(const Ort::ConstNode& node, const char* name, T fallback) {
+  Ort::ConstOpAttr attr{nullptr};
+  if (!node.GetAttributeByName(name, attr).IsOK() || attr == nullptr) return fallback;
+  T value{};
+  if (!attr.GetValue(value).IsOK()) return fallback;
+  return value;
+}
+
+std::string StringAttr(const Ort::ConstNode& node, const char* name, const std::string& fallback) {
+  Ort::ConstOpAttr attr{nullptr};
+  if (!node.GetAttributeByName(name, attr).IsOK() || attr == nullptr) return fallback;
+  std::string value;
+  if (!attr.GetValue(value).IsOK()) return fallback;
+  return value;
+}
+
+std::vector<int64_t> IntsAttr(const Ort::ConstNode& node, const char* name) {
+  Ort::ConstOpAttr attr{nullptr};
+  std::vector<int64_t> value;
+  if (!node.GetAttributeByName(name, attr).IsOK() || attr == nullptr) return value;
+  if (!attr.GetValueArray(value).IsOK()) value.clear();
+  return value;
+}
+
+// Inputs of a node, with absent optional inputs as null value infos.
+std::vector<Ort::ConstValueInfo> Inputs(const Ort::ConstNode& node) { return node.GetInputs(); }
+
+// The single consumer of `value` inside `in_graph`, when it has exactly one and is no graph output.
+std::optional<Ort::ConstNode> OnlyConsumer(const Ort::ConstValueInfo& value, const std::set<size_t>& in_graph) {
+  if (value.IsGraphOutput()) return std::nullopt;
+  auto consumers = value.GetConsumers();
+  if (consumers.size() != 1 || consumers[0].node == nullptr) return std::nullopt;
+  if (!in_graph.count(consumers[0].node.GetId())) return std::nullopt;
+  return consumers[0].node;
+}
+
+// Number of output features of the op (rows of the kernel's W); 0 when it is not claimable.
+int64_t GemmOutFeatures(const Ort::ConstNode& node, const Tensor& b) {
+  if (b.dims.size() != 2) return 0;
+  return ScalarAttr<int64_t>(node, "transB", 0) ? b.dims[0] : b.dims[1];
+}
+
+// A bias is fused only when it broadcasts along the output features alone (per-row of W).
+bool PerFeatureBias(const Tensor& bias, int64_t features, size_t max_rank) {
+  if (bias.dims.size() > max_rank) return false;
+  if (bias.size != 1 && bias.size != features) return false;
+  for (size_t i = 0; i + 1 < bias.dims.size(); ++i)
+    if (bias.dims[i] != 1) return false;
+  return bias.dims.empty() || bias.dims.back() == bias.size;
+}
+
+// The weight of a claimable op (already checked for sparsity), or nullopt with the node left alone.
+std::optional<Tensor> ClaimableWeight(const Ort::ConstNode& node, const std::string& op, const EpConfig& config) {
+  auto inputs = Inputs(node);
+  auto outputs = node.GetOutputs();
+  if (inputs.size() < 2 || outputs.size() != 1 || inputs[0] == nullptr || inputs[1] == nullptr) return std::nullopt;
+  if (!IsFloat(inputs[0]) || !IsFloat(outputs[0]) || inputs[0].IsConstantInitializer()) return std::nullopt;
+  auto w = ConstantFloat(inputs[1]);
+  if (!w) return std::nullopt;
+  if (op == "Gemm") {
+    if (w->dims.size() != 2) return std::nullopt;
+    if (inputs.size() > 2 && inputs[2] != nullptr) {
+      auto c = ConstantFloat(inputs[2]);
+      if (!c || !PerFeatureBias(*c, GemmOutFeatures(node, *w), 2)) return std::nullopt;
+    }
+  } else if (op == "MatMul") {
+    if (w->dims.size() != 2) return std::nullopt;
+    auto a = TensorInfo(inputs[0]);
+    if (!a || a->second.empty()) return std::nullopt;  // rank must be known
+  } else {  // Conv
+    if (w->dims.size() != 3 && w->dims.size() != 4) return std::nullopt;
+    if (ScalarAttr<int64_t>(node, "group", 1) != 1) return std::nullopt;
+    if (inputs.size() > 2 && inputs[2] != nullptr) {
+      auto b = ConstantFloat(inputs[2]);
+      if (!b || b->size != w->dims[0]) return std::nullopt;
+    }
+    const std::string auto_pad = StringAttr(node, "auto_pad", "NOTSET");
+    if (auto_pad != "NOTSET" && auto_pad != "SAME_UPPER" && auto_pad != "SAME_LOWER" && auto_pad != "VALID")
+      return std::nullopt;
+    const size_t rank = w->dims.size() - 2;
+    auto kernel = IntsAttr(node, "kernel_shape");
+    if (!kernel.empty() && (kernel.size() != rank || !std::equal(kernel.begin(), kernel.end(), w->dims.begin() + 2)))
+      return std::nullopt;
+    auto strides = IntsAttr(node, "strides"), dilations = IntsAttr(node, "dilations"), pads = IntsAttr(node, "pads");
+    if ((!strides.empty() && strides.size() != rank) || (!dilations.empty() && dilations.size() != rank) ||
+        (!pads.empty() && pads.size() != 2 * rank))
+      return std::nullopt;
+  }
+  if (ZeroShare(*w) < config.min_sparsity) return std::nullopt;
+  return w;
+}
+
+
+// Product of the known (positive) dims; unknown ones count as 1.
+int64_t KnownProduct(const std::vector<int64_t>& dims, size_t begin, size_t end) {
+  int64_t n = 1;
+  for (size_t i = begin; i < end && i < dims.size(); ++i) n *= std::max<int64_t>(1, dims[i]);
+  return n;
+}
+
+// The weight as the kernels see it (out_features x in_features, row-major) and the number of
+// columns the products will have: the batch rows of Gemm/MatMul (1 when dynamic), the output
+// pixels of a Conv.
+struct KernelWeight {
+  std::vector<float> w;
+  int64_t rows = 0, cols = 0, n_hint = 1;
+};
+
+KernelWeight KernelWeightOf(const Ort::ConstNode& node, const Tensor& t) {
+  KernelWeight k;
+  const std::string op = node.GetOperatorType();
+  auto x_info = TensorInfo(Inputs(node)[0]);
+  const std::vector<int64_t> x_shape = x_info ? x_info->second : std::vector<int64_t>{};
+  auto transposed = [](const Tensor& a) {  // K x M -> M x K
+    const int64_t kk = a.dims[0], m = a.dims[1];
+    std::vector<float> out(static_cast<size_t>(kk * m));
+    for (int64_t r = 0; r < kk; ++r)
+      for (int64_t c = 0; c < m; ++c) out[c * kk + r] = a.data[r * m + c];
+    return out;
+  };
+  if (op == "Conv") {
+    k.rows = t.dims[0];
+    k.cols = t.size / k.rows;
+    k.w.assign(t.data, t.data + t.size);
+    auto y_info = TensorInfo(node.GetOutputs()[0]);
+    k.n_hint = y_info && y_info->second.size() == t.dims.size() ? KnownProduct(y_info->second, 2, t.dims.size()) : 256;
+    return k;
+  }
+  const bool trans_b = op == "Gemm" && ScalarAttr<int64_t>(node, "transB", 0) != 0;
+  k.rows = trans_b ? t.dims[0] : t.dims[1];
+  k.cols = trans_b ? t.dims[1] : t.dims[0];
+  k.w = trans_b ? std::vector<float>(t.data, t.data + t.size) : transposed(t);
+  if (op == "Gemm")
+    k.n_hint = x_shape.size() == 2 ? std::max<int64_t>(1, ScalarAttr<int64_t>(node, "transA", 0) ? x_shape[1] : x_shape[0]) : 1;
+  else
+    k.n_hint = x_shape.empty() ? 1 : KnownProduct(x_shape, 0, x_shape.size() - 1);
+  return k;
+}
+
+}  // namespace
+
+std::vector<std::vector<Ort::ConstNode>> FindClaims(const Ort::ConstGraph& graph, const EpConfig& config) {
+  std::vector<std::vector<Ort::ConstNode>> claims;
+  auto nodes = graph.GetNodes();
+  std::set<size_t> in_graph;
+  for (const auto& n : nodes) in_graph.insert(n.GetId());
+  std::set<size_t> taken;
+  for (const auto& node : nodes) {
+    if (!IsDefaultDomain(node) || taken.count(node.GetId())) continue;
+    const std::string op = node.GetOperatorType();
+    if (op != "Gemm" && op != "MatMul" && op != "Conv") continue;
+    auto w = ClaimableWeight(node, op, config);
+    if (!w) continue;
+    if (config.format < 0) {
+      // When the kernels' own cost model would run this layer densely, ORT's MLAS does that
+      // better: leave it to the CPU EP.
+      const KernelWeight k = KernelWeightOf(node, *w);
+      if (SparseMatrix::ChooseFormat(k.w.data(), k.rows, k.cols, k.n_hint) == Format::kDense) continue;
+    }
+    std::vector<Ort::ConstNode> group{node};
+    Ort::ConstValueInfo tail = node.GetOutputs()[0];
+    if (op == "MatMul") {
+      auto next = OnlyConsumer(tail, in_graph);
+      if (next && IsDefaultDomain(*next) && next->GetOperatorType() == "Add") {
+        auto add_inputs = Inputs(*next);
+        if (add_inputs.size() == 2 && add_inputs[0] != nullptr && add_inputs[1] != nullptr) {
+          const size_t other = add_inputs[0].GetName() == tail.GetName() ? 1 : 0;
+          auto bias = ConstantFloat(add_inputs[other]);
+          auto a = TensorInfo(Inputs(node)[0]);
+          if (bias && a && PerFeatureBias(*bias, w->dims[1], a->second.size()) && IsFloat(next->GetOutputs()[0])) {
+            group.push_back(*next);
+            tail = next->GetOutputs()[0];
+          }
+        }
+      }
+    }
+    auto next = OnlyConsumer(tail, in_graph);
+    if (next && IsDefaultDomain(*next) && next->GetOperatorType() == "Relu" && !taken.count(next->GetId()))
+      group.push_back(*next);
+    for (const auto& g : group) taken.insert(g.GetId());
+    claims.push_back(std::move(group));
+  }
+  return claims;
+}
+
+std::unique_ptr<SparseOp> BuildSparseOp(const Ort::ConstGraph& group, const Ort::ConstNode& fused_node,
+                                        const EpConfig& config) {
+  auto op = std::make_unique<SparseOp>();
+  std::optional<Ort::ConstNode> main, add;
+  for (const auto& n : group.GetNodes()) {
+    const std::string t = n.GetOperatorType();
+    if (t == "Gemm" || t == "MatMul" || t == "Conv") main = n;
+    else if (t == "Add") add = n;
+    else if (t == "Relu") op->act = Activation::kRelu;
+    else throw Ort::Exception("unexpected node " + t + " in a sparse group", ORT_EP_FAIL);
+  }
+  if (!main) throw Ort::Exception("sparse group without Gemm/MatMul/Conv", ORT_EP_FAIL);
+  const std::string type = main->GetOperatorType();
+  op->name = main->GetName();
+  auto inputs = Inputs(*main);
+  auto w = ConstantFloat(inputs[1]);
+  if (!w) throw Ort::Exception(op->name + ": weight is not a constant float tensor", ORT_EP_FAIL);
+
+  KernelWeight k = KernelWeightOf(*main, *w);
+  if (type == "Gemm") {
+    op->kind = OpKind::kGemm;
+    op->alpha = ScalarAttr<float>(*main, "alpha", 1.0f);
+    const float beta = ScalarAttr<float>(*main, "beta", 1.0f);
+    op->trans_a = ScalarAttr<int64_t>(*main, "transA", 0) != 0;
+    if (inputs.size() > 2 && inputs[2] != nullptr) {
+      auto c = ConstantFloat(inputs[2]);
+      op->bias.assign(static_cast<size_t>(k.rows), 0.0f);
+      for (int64_t i = 0; i < k.rows; ++i) op->bias[i] = beta * c->data[c->size == 1 ? 0 : i];
+    }
+  } else if (type == "MatMul") {
+    op->kind = OpKind::kMatMul;
+    if (add) {
+      auto add_inputs = Inputs(*add);
+      const std::string produced = main->GetOutputs()[0].GetName();
+      auto bias = ConstantFloat(add_inputs[add_inputs[0].GetName() == produced ? 1 : 0]);
+      op->bias.assign(static_cast<size_t>(k.rows), 0.0f);
+      for (int64_t i = 0; i < k.rows; ++i) op->bias[i] = bias->data[bias->size == 1 ? 0 : i];
+    }
+  } else {
+    op->kind = OpKind::kConv;
+    const size_t rank = w->dims.size() - 2;
+    ConvAttrs& c = op->conv;
+    c.spatial_rank = static_cast<int>(rank);
+    c.auto_pad = StringAttr(*main, "auto_pad", "NOTSET");
+    auto strides = IntsAttr(*main, "strides"), dilations = IntsAttr(*main, "dilations"), pads = IntsAttr(*main, "pads");
+    const size_t off = rank == 1 ? 1 : 0;  // 1-D convs use the width axis
+    for (size_t i = 0; i < rank; ++i) {
+      c.kernel[off + i] = w->dims[2 + i];
+      if (!strides.empty()) c.stride[off + i] = strides[i];
+      if (!dilations.empty()) c.dilation[off + i] = dilations[i];
+      if (!pads.empty()) {
+        c.pad_begin[off + i] = pads[i];
+        c.pad_end[off + i] = pads[rank + i];
+      }
+    }
+    if (inputs.size() > 2 && inputs[2] != nullptr) {
+      auto b = ConstantFloat(inputs[2]);
+      op->bias.assign(b->data, b->data + b->size);
+    }
+  }
+  const Format format = config.format >= 0 ? static_cast<Format>(config.format)
+                                           : SparseMatrix::ChooseFormat(k.w.data(), k.rows, k.cols, k.n_hint);
+  op->w = SparseMatrix::FromDense(k.w.data(), k.rows, k.cols, format);
+
+  // Where the activation sits among the fused node's runtime inputs (constants are dropped).
+  const std::string x_name = inputs[0].GetName();
+  auto fused_inputs = fused_node.GetInputs();
+  bool found = false;
+  for (size_t i = 0; i < fused_inputs.size(); ++i) {
+    if (fused_inputs[i] != nullptr && fused_inputs[i].GetName() == x_name) {
+      op->x_input = i;
+      found = true;
+      break;
+    }
+  }
+  if (!found) throw Ort::Exception(op->name + ": activation input not found on the fused node", ORT_EP_FAIL);
+  return op;
+}
+
+}  // namespace onnxslim_ep

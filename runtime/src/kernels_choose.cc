@@ -1,0 +1,90 @@
+// ChooseFormat: a cost model, not a measurement, so the choice is deterministic and free.
+//
+// Each format's time is modelled as (entries it stores) x (cost of one entry), with per-entry
+// costs fitted to measurements (below; docs/sparse_runtime.md, "Kernels"). An entry is a
+// nonzero (CSR), a 4-value block (1x4, 4x1) or a weight (dense). At batch 1 the product streams
+// W from memory once; at batch n > 1 every entry costs a pass over ceil(n/8) vectors of X.
+#include <algorithm>
+#include <cstdint>
+
+#include "sparse_kernels.h"
+
+namespace onnxslim_sparse {
+namespace {
+
+struct Counts {
+  int64_t nnz = 0, blocks1x4 = 0, blocks4x1 = 0;
+};
+
+Counts CountEntries(const float* w, int64_t m, int64_t k) {
+  Counts c;
+  for (int64_t i = 0; i < m; ++i) {
+    const float* row = w + i * k;
+    for (int64_t j = 0; j < k; ++j) c.nnz += row[j] != 0.0f;
+    if (k >= 4) {  // same greedy placement as BuildBlock1x4
+      for (int64_t j = 0; j < k;) {
+        if (row[j] == 0.0f) {
+          ++j;
+          continue;
+        }
+        ++c.blocks1x4;
+        j = std::min(j, k - 4) + 4;
+      }
+    }
+  }
+  for (int64_t r0 = 0; r0 < m; r0 += 4) {
+    const int64_t rn = std::min<int64_t>(4, m - r0);
+    for (int64_t j = 0; j < k; ++j) {
+      bool any = false;
+      for (int64_t r = 0; r < rn; ++r) any |= w[(r0 + r) * k + j] != 0.0f;
+      c.blocks4x1 += any;
+    }
+  }
+  return c;
+}
+
+// Relative cost of one entry, CSR's nonzero = 1: at batch 1, and per 8-column vector at batch
+// 2..8 and above 8 (the 4x1 kernel's X-row reuse pays most when CSR has only 8-wide tiles).
+// Fitted by hand to interleaved, cache-flushed medians (bench/sparse_kernels.py, 1 thread, AVX2
+// machine) on 2048x4096 weights at 90 % sparsity (random, 4x1- and 1x4-structured; n = 1, 8,
+// 32, 196) and on the bench's random 25088x4096 and conv shapes at 50-70 %, where per entry
+// 1x4 blocks cost 2.2-3.2 (n = 1) and 3.2-4.0 (n > 1), 4x1 blocks 2.5-3.7 (n = 1), 1.7 (n = 8)
+// and 2.4-3.2 (n >= 32), dense weights 0.5-1.4 and 0.5-1.6. That machine was shared and noisy;
+// the model only has to rank formats, and CSR is never far from the best on random sparsity.
+// A block holds 4 values, so a full block beats CSR when its cost is below 4. The batch-1 block
+// costs sit at the top of their range because a first bench run at 50 % random sparsity
+// (25088x4096) measured 1x4 at 0.78x dense where CSR made 1.02x.
+struct EntryCost {
+  double batch1, small_batch_vector, per_vector;
+};
+constexpr EntryCost kCsr{1.0, 1.0, 1.0};
+constexpr EntryCost kBlock1x4{3.0, 3.3, 3.3};
+constexpr EntryCost kBlock4x1{3.0, 1.7, 2.5};
+constexpr EntryCost kDenseCost{0.5, 0.6, 0.6};
+
+double Cost(const EntryCost& c, int64_t entries, int64_t n) {
+  if (n <= 1) return c.batch1 * static_cast<double>(entries);
+  const double per_vector = n <= 8 ? c.small_batch_vector : c.per_vector;
+  return per_vector * static_cast<double>(entries) * static_cast<double>((n + 7) / 8);
+}
+
+}  // namespace
+
+Format SparseMatrix::ChooseFormat(const float* w, int64_t rows, int64_t cols, int64_t n_hint) {
+  const Counts c = CountEntries(w, rows, cols);
+  const int64_t n = std::max<int64_t>(1, n_hint);
+  Format best = Format::kCSR;
+  double best_cost = Cost(kCsr, c.nnz, n);
+  const auto consider = [&](Format f, double cost) {
+    if (cost < best_cost) {  // strict: ties keep the earlier (simpler) format
+      best = f;
+      best_cost = cost;
+    }
+  };
+  if (cols >= 4) consider(Format::kBlock1x4, Cost(kBlock1x4, c.blocks1x4, n));
+  consider(Format::kBlock4x1, Cost(kBlock4x1, c.blocks4x1, n));
+  consider(Format::kDense, Cost(kDenseCost, rows * cols, n));
+  return best;
+}
+
+}  // namespace onnxslim_sparse

@@ -1,0 +1,115 @@
+"""Pass `sparse` (sparse weight storage + per-layer report) and `onnxslim bench --sparse-ep`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from graphs import init, make_model, run, vi
+from onnx import helper as h
+
+import onnxslim_cnn
+from onnxslim_cnn import cli, runtime
+from onnxslim_cnn.analysis.cost import count_params
+from onnxslim_cnn.sparse_storage import densify, store_sparse, to_dense, to_sparse
+
+REASON = runtime.unavailable_reason()
+
+
+def small_model(rng):
+    """Conv(group 1) -> Relu -> grouped Conv -> Flatten -> Gemm; all weights dense."""
+    nodes = [h.make_node("Conv", ["x", "Wc"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             h.make_node("Relu", ["c"], ["r"], name="relu"),
+             h.make_node("Conv", ["r", "Wg"], ["g"], group=2, name="grouped"),
+             h.make_node("Flatten", ["g"], ["f"], name="flat"),
+             h.make_node("Gemm", ["f", "Wf", "Bf"], ["y"], transB=1, name="fc")]
+    inits = [init("Wc", rng.standard_normal((16, 8, 3, 3))), init("Wg", rng.standard_normal((16, 8, 1, 1))),
+             init("Wf", rng.standard_normal((32, 256))), init("Bf", rng.standard_normal(32))]
+    return make_model(nodes, [vi("x", [1, 8, 4, 4])], [vi("y", [1, 32])], inits)
+
+
+def test_sparse_pass_stores_claimable_weights_and_reports_them():
+    rng = np.random.default_rng(0)
+    model = small_model(rng)
+    pruned, _ = onnxslim_cnn.compress(model, passes=["sparsify"], sparsify__ratio=0.9, sparsify__scope="layer",
+                                      sparsify__min_params=0, sparsify__skip_depthwise=False, fidelity=False)
+    out, report = onnxslim_cnn.compress(pruned, passes=["sparse"], fidelity=False)
+    result = report.passes[0]
+    stats = result["stats"] if isinstance(result, dict) else result.stats
+    assert stats["layers"] == 2
+    assert [e["node"] for e in stats["expected"]] == ["conv", "fc"]
+    assert all(e["sparsity"] == pytest.approx(0.9, abs=1e-3) and e["expected_speedup"] > 1 for e in stats["expected"])
+    stored = [n for n in out.graph.node if n.op_type == "Constant"]
+    weight_of = {n.name: n.input[1] for n in out.graph.node if n.op_type in ("Conv", "Gemm")}
+    assert sorted(n.output[0] for n in stored) == sorted([weight_of["conv"], weight_of["fc"]])
+    assert all(n.attribute[0].name == "sparse_value" for n in stored)
+    # the grouped conv stays dense (reported as skipped); the file shrinks; computation is identical
+    assert weight_of["grouped"] in {i.name for i in out.graph.initializer}
+    assert len(out.SerializeToString()) < 0.45 * len(pruned.SerializeToString())
+    assert count_params(out) == count_params(pruned)
+    onnx.checker.check_model(out, full_check=True)
+    x = {"x": rng.standard_normal((1, 8, 4, 4)).astype(np.float32)}
+    np.testing.assert_array_equal(run(out, x)[0], run(pruned, x)[0])
+
+
+def test_sparse_pass_threshold_and_store_off():
+    rng = np.random.default_rng(1)
+    pruned, _ = onnxslim_cnn.compress(small_model(rng), passes=["sparsify"], sparsify__ratio=0.6,
+                                      sparsify__scope="layer", sparsify__min_params=0, fidelity=False)
+    out, report = onnxslim_cnn.compress(pruned, passes=["sparse"], sparse__min_sparsity=0.7, fidelity=False)
+    text = report.format_table()
+    assert "sparsity 0.600 < min_sparsity 0.7" in text and "grouped / depthwise convolution" in text
+    assert not any(n.op_type == "Constant" for n in out.graph.node)
+    out, report = onnxslim_cnn.compress(pruned, passes=["sparse"], sparse__min_sparsity=0.5, sparse__store=False,
+                                        fidelity=False)
+    # 60 % zeros: reported, but int64 COO would be larger than dense, and store is off anyway
+    assert not any(n.op_type == "Constant" for n in out.graph.node)
+
+
+def test_sparse_storage_round_trips_through_other_passes():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    w[rng.random(w.shape) < 0.95] = 0
+    t = onnx.numpy_helper.from_array(w, "W")
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(to_dense(to_sparse(t))), w)
+    nodes = [h.make_node("MatMul", ["x", "W"], ["m"], name="mm"), h.make_node("Identity", ["m"], ["y"], name="id")]
+    model = make_model(nodes, [vi("x", [2, 64])], [vi("y", [2, 48])], [init("W", w)])
+    # a graph sparse_initializer (what other tools write) is read too, and comes out as Constant(sparse_value)
+    as_sparse_init = onnx.ModelProto()
+    as_sparse_init.CopyFrom(model)
+    del as_sparse_init.graph.initializer[:]
+    as_sparse_init.graph.sparse_initializer.append(to_sparse(t))
+    slimmed, _ = onnxslim_cnn.compress(as_sparse_init, passes=["slim"], fidelity=False)
+    assert [n.op_type for n in slimmed.graph.node].count("Constant") == 1
+    x = {"x": rng.standard_normal((2, 64)).astype(np.float32)}
+    np.testing.assert_allclose(run(slimmed, x)[0], run(model, x)[0], rtol=1e-6, atol=1e-6)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(slimmed)
+    assert densify(copy) == {"W"} and store_sparse(copy, {"W"}) == ["W"]
+
+
+@pytest.mark.skipif(REASON is not None, reason=f"sparse EP unavailable: {REASON}")
+def test_cli_bench_sparse_ep(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    pruned, _ = onnxslim_cnn.compress(small_model(rng), passes=["sparsify", "sparse"], sparsify__ratio=0.9,
+                                      sparsify__scope="layer", sparsify__min_params=0, fidelity=False)
+    path = tmp_path / "m.onnx"
+    onnxslim_cnn.save(pruned, str(path))
+    out_json = tmp_path / "bench.json"
+    assert cli.main(["bench", str(path), "--sparse-ep", "--repeats", "3", "--json", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    assert "with the sparse EP" in text
+    result = json.loads(out_json.read_text())
+    assert [n["name"] for n in result["claimed_nodes"]] == ["conv", "relu", "fc"]
+    assert result["max_rel_diff"] < 1e-5 and result["speedup"] > 0
+    assert cli.main(["bench", str(path)]) == 0
+    assert "sparse EP" not in capsys.readouterr().out
+
+
+def test_cli_bench_bad_input(tmp_path, capsys):
+    assert cli.main(["bench", str(tmp_path / "missing.onnx"), "--sparse-ep"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("onnxslim: error:") and len(err.strip().splitlines()) == 1
+    assert cli.main(["bench", str(tmp_path / "missing.onnx"), "--threads", "0"]) == 2
