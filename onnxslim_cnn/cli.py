@@ -116,7 +116,7 @@ def run(argv: "list[str] | None" = None) -> int:
         raise UserError("need an input and an output model: onnxslim IN.onnx OUT.onnx (see --help)")
 
     from .analysis.calibration import parse_input_shapes
-    from .files import write_atomic
+    from .files import check_outputs, write_atomic
     from .graph import save_model
     from .options import load_recipe, parse_set
     from .pipeline import run_pipeline
@@ -124,8 +124,7 @@ def run(argv: "list[str] | None" = None) -> int:
     src, dst = Path(args.input), Path(args.output)
     if dst.exists() and src.exists() and os.path.samefile(src, dst):
         raise UserError(f"output {dst} is the input model; choose another output path")
-    if dst.exists() and dst.is_dir():
-        raise UserError(f"output {dst} is a directory")
+    check_outputs({"output": dst, "--report": args.report}, inputs=(src, args.recipe, args.calib))
     passes, options = load_recipe(args.recipe) if args.recipe else ([], {})
     if args.passes is not None:
         passes = [p.strip() for p in args.passes.split(",") if p.strip()]

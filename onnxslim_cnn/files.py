@@ -6,13 +6,18 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import UserError
+
 
 def write_atomic(path: "str | os.PathLike", data: bytes) -> None:
     """Write ``data`` to a temp file next to ``path``, flush it to disk, then rename it over ``path``."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".onnxslim-{path.name}.", suffix=".part")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".onnxslim-{path.name}.", suffix=".part")
+    except OSError as exc:
+        raise write_error(path, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -22,6 +27,39 @@ def write_atomic(path: "str | os.PathLike", data: bytes) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; these are ordinary user files
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # disk full, permissions, a folder in the way: the user's to fix
+            raise write_error(path, exc) from None
         raise
+
+
+def write_error(path: "str | os.PathLike", exc: OSError) -> UserError:
+    """The one-line error for an output that cannot be written."""
+    return UserError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def check_outputs(outputs: "dict[str, str | os.PathLike | None]", inputs: "tuple = ()") -> None:
+    """Refuse, before any work is done, output paths that cannot be written as files: a folder,
+    a path under a regular file, an input file (never modified), or two outputs on one path.
+
+    ``outputs`` maps a label ("output", "--report") to a path (None = not asked for)."""
+    seen: dict[Path, str] = {}
+    for label, path in outputs.items():
+        if path is None:
+            continue
+        p = Path(path)
+        if p.is_dir():
+            raise UserError(f"{label} {p} is a directory")
+        for src in inputs:
+            if src is not None and p.exists() and Path(src).exists() and os.path.samefile(src, p):
+                raise UserError(f"{label} {p} is the input; choose another path")
+        parent = p.resolve().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise UserError(f"cannot write {label} {p}: {parent} is not a folder")
+        key = p.resolve()
+        if key in seen:
+            raise UserError(f"{seen[key]} and {label} are the same file ({p})")
+        seen[key] = label

@@ -89,11 +89,16 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike") -> list[Path]:
     Models over ~1.8 GB get their weights in ``<name>.data`` next to the file. Returns the
     paths written. Nothing is left behind if writing fails.
     """
+    from .files import write_error
+
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp_dir = tempfile.mkdtemp(prefix=".onnxslim-", dir=folder)
+    except OSError as exc:
+        raise write_error(path, exc) from None
     large = approx_bytes(model) >= EXTERNAL_DATA_THRESHOLD
-    tmp_dir = tempfile.mkdtemp(prefix=".onnxslim-", dir=folder)
     try:
         tmp_model = os.path.join(tmp_dir, path.name)
         written = [path]
@@ -112,6 +117,8 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike") -> list[Path]:
                 f.write(model.SerializeToString(deterministic=True))
         os.replace(tmp_model, path)
         return written
+    except OSError as exc:  # disk full, permissions: the user's to fix, one line
+        raise write_error(path, exc) from None
     finally:
         for leftover in Path(tmp_dir).glob("*"):
             leftover.unlink()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from .container import TensorPlan, pack_file, unpack_file
 from .errors import UserError
@@ -79,7 +78,7 @@ def pack_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if not 0 <= args.index_bits <= 12:
         raise UserError(f"--index-bits must be within [0, 12], got {args.index_bits}")
-    _check_paths(args.input, args.output)
+    _check_paths(args.input, args.output, args.report)
     before, after, plans = pack_file(args.input, args.output, index_bits=args.index_bits)
     rows = layer_rows(plans)
     if args.report:
@@ -107,9 +106,8 @@ def unpack_main(argv: list[str]) -> int:
     return 0
 
 
-def _check_paths(src: str, dst: str) -> None:
-    s, d = Path(src), Path(dst)
-    if d.exists() and d.is_dir():
-        raise UserError(f"output {d} is a directory")
-    if s.exists() and d.exists() and s.resolve() == d.resolve():
-        raise UserError(f"output {d} is the input; choose another output path")
+def _check_paths(src: str, dst: str, report: "str | None" = None) -> None:
+    """Before any work: an output that cannot be written, or is the input, writes nothing."""
+    from .files import check_outputs
+
+    check_outputs({"output": dst, "--report": report}, inputs=(src,))

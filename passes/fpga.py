@@ -112,6 +112,10 @@ def lower_model(model, *, calib=None, options: "dict | None" = None, input_shape
     return lowering
 
 
+OUTPUT_NAMES = ("model.json", "weights.npz", "hls4ml_config.yaml", "resources.json", "model.h", "model.cpp",
+                "model_main.cpp")
+
+
 def output_files(lowering: FpgaLowering, reuse_factor: int = 1) -> dict[str, bytes]:
     """Every file ``onnxslim fpga`` writes, built in memory first so that an error writes nothing."""
     from .fpga_emit_cpp import emit_cpp
@@ -130,7 +134,7 @@ def main(argv: "list[str]") -> int:
     """``onnxslim fpga IN.onnx OUTDIR [--calib X.npz] [--set fpga.bits=8 ...]``."""
     from onnxslim_cnn.analysis.calibration import parse_input_shapes
     from onnxslim_cnn.cli import _Parser
-    from onnxslim_cnn.files import write_atomic
+    from onnxslim_cnn.files import check_outputs, write_atomic
     from onnxslim_cnn.options import parse_set
 
     from .fpga_resources import format_table
@@ -151,15 +155,18 @@ def main(argv: "list[str]") -> int:
     out = Path(args.outdir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} exists and is not a folder")
+    check_outputs({f"output {out / name}": out / name for name in OUTPUT_NAMES}, inputs=(args.input, args.calib))
     options = sets.get("fpga", {})
     lowering = lower_model(args.input, calib=args.calib, options=options,
                            input_shapes=parse_input_shapes(args.input_shapes), seed=args.seed)
     reuse = FpgaPass(options).options.reuse_factor
-    for name, data in output_files(lowering, reuse).items():
+    files = output_files(lowering, reuse)
+    assert set(files) <= set(OUTPUT_NAMES), sorted(files)
+    for name, data in files.items():
         write_atomic(out / name, data)
     for warning in lowering.warnings:
         print(f"onnxslim fpga: warning: {warning}", file=sys.stderr)
     if not args.quiet:
         print(format_table(lowering.table))
-        print(f"\nwrote {out}/: model.json, weights.npz, model.h, model.cpp, model_main.cpp, hls4ml_config.yaml, resources.json")
+        print(f"\nwrote {out}/: {', '.join(files)}")
     return 0
