@@ -141,6 +141,8 @@ def _ineligible(node: gs.Node, w, o: ShareOptions, seen: set[int]) -> "str | Non
         return f"weight is not a float matrix ({dtype}, {len(w.shape)}-D)"
     if int(np.prod(w.shape)) < o.min_params:
         return f"{int(np.prod(w.shape))} weights < min_params {o.min_params}"
+    if o.form == "dequantize" and dtype != np.float32:  # float16 scales need opset 19; keep it simple
+        return f"form=dequantize makes float32 weights; this one is {dtype}"
     return None
 
 

@@ -137,3 +137,33 @@ def test_sorted_lloyd_matches_sklearn(monkeypatch):
     # deterministic: same bytes twice
     c = share_mod.kmeans_share(w, 4)
     assert np.array_equal(a.codes, c.codes) and np.array_equal(a.codebook, c.codebook)
+
+
+def _conv_model(dtype, shape=(16, 8, 3, 3)):
+    from graphs import make_model, vi
+
+    tt = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    w = np.random.default_rng(3).standard_normal(shape).astype(dtype)
+    return make_model([onnx.helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], name="conv")],
+                      [vi("x", [1, shape[1], 6, 6], tt)], [vi("y", [1, shape[0], 6, 6], tt)],
+                      [onnx.numpy_helper.from_array(w, "w")])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_share_non_float32_weights(dtype):
+    """Gather form keeps the weight's dtype (fp16 models after the fp16 pass); DequantizeLinear
+    (opset < 19) only outputs float32, so that form skips such layers instead of writing a model
+    the checker rejects (which made the pipeline revert the whole pass)."""
+    m = _conv_model(dtype)
+    x = np.random.default_rng(4).standard_normal((1, 8, 6, 6)).astype(dtype)
+    out, result = SharePass(conv_bits=8).apply(m)
+    check_model(out, full_check=True)
+    assert [c["item"] for c in result.changes] == ["conv"]
+    assert {t.data_type for t in out.graph.initializer if t.name.endswith("_codebook")} == {m.graph.initializer[0].data_type}
+    if dtype == np.float16:  # ORT has no float64 Conv kernel
+        ref, got = run(m, {"x": x})[0], run(out, {"x": x})[0]
+        assert got.dtype == dtype and np.abs(ref - got).max() <= 0.05 * np.abs(ref).max()
+    out, result = SharePass(form="dequantize", codebook="uniform").apply(m)
+    check_model(out, full_check=True)
+    assert not result.changes and result.skipped == [
+        {"item": "conv", "reason": f"form=dequantize makes float32 weights; this one is {np.dtype(dtype)}"}]
