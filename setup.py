@@ -39,9 +39,19 @@ class BuildSparseEp(build_ext):
         base = fullname.split(".")
         return os.path.join(*base) + (".dll" if sys.platform == "win32" else ".so")
 
+    @staticmethod
+    def _siblings(library: Path) -> "list[Path]":
+        """What a build leaves beside the EP library: its failure note, the optional CUDA library
+        and that one's failure note."""
+        cuda = library.with_name("_sparse_cuda" + library.suffix)
+        return [library.with_name(library.stem + ".BUILD_FAILED.txt"), cuda,
+                cuda.with_name(cuda.stem + ".BUILD_FAILED.txt")]
+
     def build_extension(self, ext):
         output = Path(self.get_ext_fullpath(ext.name))
         failed = output.with_name(output.stem + ".BUILD_FAILED.txt")
+        for stale in self._siblings(output):  # a reused build/ folder must not ship an earlier outcome
+            stale.unlink(missing_ok=True)
         builder = _load_build_module()
         if os.environ.get("ONNXSLIM_SKIP_NATIVE") == "1":
             reason = "ONNXSLIM_SKIP_NATIVE=1 was set at install time"
@@ -73,6 +83,22 @@ class BuildSparseEp(build_ext):
             cuda_output.unlink(missing_ok=True)
             failed.write_text(str(exc) + "\n")
             _warn(f"the optional CUDA sparse library was NOT built: {str(exc).splitlines()[0]}")
+
+    def copy_extensions_to_source(self):
+        # Editable installs: setuptools copies the library into the source tree only when it was
+        # built, and nothing else. Mirror this build's whole outcome instead, so the tree never
+        # keeps a library from older sources and loader.py can quote why it was not built.
+        super().copy_extensions_to_source()
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            built = Path(self.build_lib) / self.get_ext_filename(self.get_ext_fullname(ext.name))
+            package_dir = Path(build_py.get_package_dir(ext.name.rpartition(".")[0]))
+            for source in [built, *self._siblings(built)]:
+                target = package_dir / source.name
+                if source.is_file():
+                    self.copy_file(str(source), str(target), level=self.verbose)
+                else:
+                    target.unlink(missing_ok=True)
 
     def get_outputs(self):
         # Only what exists: an optional library that failed must not be listed for the wheel.
