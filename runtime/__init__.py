@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 
+from onnxslim_cnn.errors import UserError
+
 from .loader import (
     EP_NAME,
     SparseRuntimeUnavailable,
@@ -50,12 +52,15 @@ def available() -> bool:
 def _model_input(model):
     """Path string or serialized bytes for InferenceSession (a ModelProto is serialized)."""
     if isinstance(model, (str, os.PathLike)):
-        return os.fspath(model)
+        path = os.fspath(model)
+        if not os.path.isfile(path):
+            raise UserError(f"model not found: {path}")
+        return path
     if isinstance(model, (bytes, bytearray)):
         return bytes(model)
     if hasattr(model, "SerializeToString"):
         return model.SerializeToString()
-    raise TypeError(f"model must be a path, bytes or onnx.ModelProto, not {type(model).__name__}")
+    raise UserError(f"model must be a path, bytes or onnx.ModelProto, not {type(model).__name__}")
 
 
 def session(model, providers: "list[str] | None" = None, min_sparsity: "float | None" = None,
@@ -69,7 +74,12 @@ def session(model, providers: "list[str] | None" = None, min_sparsity: "float | 
     per layer. ``sess_options`` is copied into, never modified.
     """
     ort = check_onnxruntime()
-    min_sparsity = DEFAULT_MIN_SPARSITY if min_sparsity is None else float(min_sparsity)
+    try:
+        min_sparsity = DEFAULT_MIN_SPARSITY if min_sparsity is None else float(min_sparsity)
+    except (TypeError, ValueError):
+        raise UserError(f"min_sparsity must be a number in [0, 1], got {min_sparsity!r}") from None
+    if isinstance(providers, str):  # a bare name would be read letter by letter
+        raise UserError(f"providers must be a list of execution-provider names, got the string {providers!r}")
     if not 0.0 <= min_sparsity <= 1.0:
         raise SparseRuntimeUnavailable(f"min_sparsity must be in [0, 1], got {min_sparsity}")
     if format not in FORMATS:
@@ -90,7 +100,12 @@ def session(model, providers: "list[str] | None" = None, min_sparsity: "float | 
             offered = sorted({d.ep_name for d in devices})
             raise SparseRuntimeUnavailable(f"provider {name} is not offered by this onnxruntime ({', '.join(offered)})")
         options.add_provider_for_devices(found[:1], {})
-    return ort.InferenceSession(_model_input(model), sess_options=options)
+    source = _model_input(model)
+    try:
+        return ort.InferenceSession(source, sess_options=options)
+    except Exception as exc:  # ORT's own exception types (InvalidProtobuf, Fail, ...): a bad model
+        label = source if isinstance(source, str) else "the model"
+        raise UserError(f"onnxruntime cannot load {label}: {exc}") from exc
 
 
 def claimed_nodes(sess) -> "list[dict]":

@@ -270,6 +270,17 @@ def test_bad_options_are_user_errors():
     assert "min_sparsity must be in [0, 1]" in user_error(runtime.session, model, min_sparsity=1.5)
     assert "format must be one of" in user_error(runtime.session, model, format="coo")
     assert "is not offered" in user_error(runtime.session, model, providers=["NoSuchExecutionProvider"])
+    assert "min_sparsity must be a number" in user_error(runtime.session, model, min_sparsity="most")
+    assert "providers must be a list" in user_error(runtime.session, model, providers="CPUExecutionProvider")
+
+
+@needs_ep
+def test_unreadable_models_are_user_errors(tmp_path):
+    assert "model not found" in user_error(runtime.session, str(tmp_path / "missing.onnx"))
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    assert "onnxruntime cannot load" in user_error(runtime.session, tmp_path / "junk.onnx")
+    assert "onnxruntime cannot load" in user_error(runtime.session, b"not a model")
+    assert "model must be a path" in user_error(runtime.session, 42)
 
 
 def test_old_onnxruntime_is_refused_with_the_version(monkeypatch):
