@@ -87,6 +87,18 @@ def test_gemm_forms(trans_a, trans_b, c_shape, batch):
     check(model, feeds, ["Gemm"])
 
 
+@needs_ep
+def test_gemm_beta_zero_ignores_c():
+    # ORT's Gemm skips C when beta == 0, so a non-finite C must not turn into 0 * inf = NaN.
+    rng = np.random.default_rng(8)
+    w = sparse_weight(rng, (8, 16), 0.9)
+    c = rng.standard_normal(8).astype(np.float32)
+    c[2], c[3] = np.inf, np.nan
+    model = make_model([h.make_node("Gemm", ["x", "W", "C"], ["y"], transB=1, beta=0.0, name="fc")],
+                       [vi("x", [2, 16])], [vi("y", [2, 8])], [init("W", w), init("C", c)])
+    check(model, {"x": rng.standard_normal((2, 16)).astype(np.float32)}, ["Gemm"], format="csr")
+
+
 def matmul_model(rng, a_shape, n, sparsity, bias=False, relu=False):
     k = a_shape[-1]
     w = sparse_weight(rng, (k, n), sparsity, 1)

@@ -269,7 +269,7 @@ std::unique_ptr<SparseOp> BuildSparseOp(const Ort::ConstGraph& group, const Ort:
     op->alpha = ScalarAttr<float>(*main, "alpha", 1.0f);
     const float beta = ScalarAttr<float>(*main, "beta", 1.0f);
     op->trans_a = ScalarAttr<int64_t>(*main, "transA", 0) != 0;
-    if (inputs.size() > 2 && inputs[2] != nullptr) {
+    if (inputs.size() > 2 && inputs[2] != nullptr && beta != 0.0f) {  // ORT skips C when beta == 0
       auto c = ConstantFloat(inputs[2]);
       op->bias.assign(static_cast<size_t>(k.rows), 0.0f);
       for (int64_t i = 0; i < k.rows; ++i) op->bias[i] = beta * c->data[c->size == 1 ? 0 : i];
