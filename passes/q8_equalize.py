@@ -320,6 +320,10 @@ def bias_correct(model: onnx.ModelProto, calib, per_channel: bool, exclude: "set
         if node.op_type == "Gemm" and next((a.i for a in node.attribute if a.name == "transA"), 0):
             skipped.append((name, "Gemm with transA"))
             continue
+        beta = next((a.f for a in node.attribute if a.name == "beta"), 1.0) if node.op_type == "Gemm" else 1.0
+        if beta == 0:  # Gemm ignores C: no bias can carry the correction
+            skipped.append((name, "Gemm with beta=0"))
+            continue
         has_bias = len(node.input) > 2 and node.input[2] != ""
         if has_bias and node.input[2] not in inits:
             skipped.append((name, "bias is not an initializer"))
@@ -346,7 +350,7 @@ def bias_correct(model: onnx.ModelProto, calib, per_channel: bool, exclude: "set
             red = helper.make_node("ReduceMean", [twin.output[0]], [mean_out], axes=axes, keepdims=0)
         probe.graph.node.extend([twin, red])
         probe.graph.output.append(helper.make_tensor_value_info(mean_out, onnx.TensorProto.FLOAT, None))
-        targets.append((node, mean_out, has_bias, n_out))
+        targets.append((node, mean_out, has_bias, beta))
     if not targets:
         return model, [], skipped
     sess = make_session(probe)
@@ -363,8 +367,9 @@ def bias_correct(model: onnx.ModelProto, calib, per_channel: bool, exclude: "set
             used[i] = used.get(i, 0) + 1
     by_name = {n.name: n for n in out.graph.node}
     records = []
-    for k, (node, _, has_bias, n_out) in enumerate(targets):
-        shift = sum(c[k].astype(np.float64) * s for c, s in zip(chunks, sizes)) / sum(sizes)
+    for k, (node, _, has_bias, beta) in enumerate(targets):
+        # Gemm adds beta * C, so C moves by shift / beta
+        shift = sum(c[k].astype(np.float64) * s for c, s in zip(chunks, sizes)) / sum(sizes) / beta
         dst = by_name[node.name]
         if has_bias:
             old = numpy_helper.to_array(out_inits[node.input[2]])

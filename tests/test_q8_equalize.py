@@ -251,3 +251,31 @@ def test_same_input_and_options_same_bytes():
     first, result = Q8Pass(**opts).apply(path, calib=calib)
     assert result.stats["equalized_pairs"] == 4 and result.stats["mixed_precision"]["trials"]
     assert Q8Pass(**opts).apply(path, calib=calib)[0].SerializeToString() == first.SerializeToString()
+
+
+@pytest.mark.parametrize("attrs", [dict(transB=1, beta=0.5, alpha=2.0), dict(beta=0.0)])
+def test_bias_correction_gemm_with_alpha_beta(attrs):
+    """Gemm adds beta * C: the shift must be divided by beta (PyTorch exports beta=1, other
+    exporters do not); beta=0 ignores C, so no bias can carry the correction: skipped."""
+    rng = np.random.default_rng(7)
+    w = rng.normal(size=(6, 10)) * np.array([1, 10, 0.1, 3, 30, 0.5]).reshape(6, 1)
+    w = w if attrs.get("transB") else w.T
+    model = make_model([h.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", **attrs)],
+                       [vi("x", ["N", 10])], [vi("y", ["N", 6])], [init("w", w), init("b", rng.normal(size=6))])
+    x = (rng.standard_normal((32, 10)) + 2.0).astype(np.float32)
+    corrected, records, skipped = bias_correct(model, from_arrays({"x": x}, model, "test", "arrays"), per_channel=True)
+    if not attrs.get("beta"):
+        assert not records and skipped == [("fc", "Gemm with beta=0")]
+        return
+    assert [r["layer"] for r in records] == ["fc"]
+
+    def rounded(m):
+        m2 = onnx.ModelProto()
+        m2.CopyFrom(m)
+        t = next(t for t in m2.graph.initializer if t.name == "w")
+        t.CopyFrom(nh.from_array(quantize_weight_like_ort(nh.to_array(t), 0 if attrs.get("transB") else 1), "w"))
+        return m2
+
+    ref = run(model, {"x": x})[0].mean(axis=0)
+    assert np.abs(run(rounded(model), {"x": x})[0].mean(axis=0) - ref).max() > 1e-3
+    np.testing.assert_allclose(run(rounded(corrected), {"x": x})[0].mean(axis=0), ref, atol=1e-4)
