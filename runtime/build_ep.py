@@ -86,8 +86,18 @@ def fetch_headers(log=print) -> Path:
     folder = cache_root() / "ort-headers" / HEADERS_TAG
     if _headers_ok(folder):
         return folder
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        usable = os.access(folder.parent, os.W_OK)
+    except OSError:
+        usable = False
+    if not usable:  # a read-only or absent home (CI containers, HOME=/): a per-user temp cache
+        user = os.getuid() if hasattr(os, "getuid") else "user"
+        folder = Path(tempfile.gettempdir()) / f"onnxslim-cnn-{user}" / "ort-headers" / HEADERS_TAG
+        if _headers_ok(folder):
+            return folder
+        folder.parent.mkdir(parents=True, exist_ok=True)
     log(f"onnxslim-cnn: fetching ONNX Runtime C API headers from {HEADERS_URL}")
-    folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
         tarball = Path(tmp) / "ort.tgz"
         try:

@@ -81,3 +81,19 @@ def test_sources_ship_in_the_sdist():
                 for p in line.split()[2:]}
     sources = [p for p in (ROOT / "runtime" / "src").rglob("*") if p.is_file()]
     assert sources and all(f"*{p.suffix}" in patterns for p in sources), patterns
+
+
+def test_unwritable_cache_falls_back_to_a_temp_cache(tmp_path, monkeypatch):
+    build = _build_module()
+    cached = build.cache_root() / "ort-headers" / build.HEADERS_TAG
+    if not build._headers_ok(cached):
+        pytest.skip(f"no verified header cache at {cached} to copy (the build downloads it)")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("ONNXSLIM_CACHE", str(blocker / "cache"))  # cannot be created
+    monkeypatch.delenv("ONNXSLIM_ORT_HEADERS", raising=False)
+    monkeypatch.setattr(build.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    fallback = tmp_path / "tmp" / f"onnxslim-cnn-{user}" / "ort-headers" / build.HEADERS_TAG
+    shutil.copytree(cached, fallback)
+    assert build.fetch_headers(log=lambda *_: None) == fallback
