@@ -19,6 +19,7 @@ modified. The result counts the Q/DQ nodes inserted and, from the graph ORT buil
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tempfile
 from collections import Counter
@@ -150,9 +151,28 @@ def _name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+class _NoPreprocessingHint(logging.Filter):
+    """Drops the tool's 'Please consider (to run) pre-processing before quantization' warning:
+    it is logged on the root logger whenever the model lacks the tag of ORT's quant_pre_process,
+    and q8 does that work itself (slim, opset upgrade, shape inference)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
 def quantize_with_ort(model: onnx.ModelProto, o: Q8Options, ctx: PassContext, exclude: "list[str]",
                       dst: str, tmp: str) -> None:
     """Write ``model`` quantized by ORT's tool (``o``'s set-up, ``exclude`` kept float) to ``dst``."""
+    hint = _NoPreprocessingHint()
+    logging.getLogger().addFilter(hint)
+    try:
+        _quantize_with_ort(model, o, ctx, exclude, dst, tmp)
+    finally:
+        logging.getLogger().removeFilter(hint)
+
+
+def _quantize_with_ort(model: onnx.ModelProto, o: Q8Options, ctx: PassContext, exclude: "list[str]",
+                       dst: str, tmp: str) -> None:
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,

@@ -202,3 +202,20 @@ def test_weights_in_constant_nodes_quantized_as_weights():
     q_weight = next(t for t in quantized.graph.initializer if t.name == dq.input[0])
     assert q_weight.data_type == onnx.TensorProto.INT8
     assert nh.to_array(next(t for t in quantized.graph.initializer if t.name == dq.input[1])).shape == (8,)
+
+
+def test_no_preprocessing_hint_from_the_tool():
+    """ORT's tool logs 'Please consider to run pre-processing' (root logger, so it lands on every
+    CLI user's stderr) when the model lacks its pre-processing tag; q8 does that work itself
+    (slim, opset upgrade, shape inference), so the hint is dropped, and nothing else."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, logging; from onnxslim_cnn.models import digits; "
+            "from onnxslim_cnn.passes.q8 import Q8Pass; "
+            "x = digits.load_split('test')[0][:8]; "
+            "Q8Pass().apply(str(digits.fixture_path('digits_resnet')), calib={'input': x}); "
+            "Q8Pass(dynamic=True).apply(str(digits.fixture_path('digits_resnet'))); "
+            "logging.warning('other warnings still show')")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert "pre-processing" not in err and "other warnings still show" in err, err
