@@ -216,6 +216,14 @@ def test_every_kernel_format(fmt):
 
 
 @needs_ep
+def test_forced_block1x4_on_fewer_than_4_columns_runs_as_csr():
+    # A 1x4 block needs 4 input features; forcing the format must not fail the whole session.
+    rng = np.random.default_rng(18)
+    model, feeds = gemm_model(rng, 3, 3, 5, 0.5, c_shape=("n",))
+    check(model, feeds, ["Gemm", "Relu"], format="block1x4")
+
+
+@needs_ep
 def test_leaves_what_it_cannot_run():
     rng = np.random.default_rng(14)
     x = rng.standard_normal((2, 4, 6, 6)).astype(np.float32)

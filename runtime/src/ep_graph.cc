@@ -305,8 +305,11 @@ std::unique_ptr<SparseOp> BuildSparseOp(const Ort::ConstGraph& group, const Ort:
       op->bias.assign(b->data, b->data + b->size);
     }
   }
-  const Format format = config.format >= 0 ? static_cast<Format>(config.format)
-                                           : SparseMatrix::ChooseFormat(k.w.data(), k.rows, k.cols, k.n_hint);
+  Format format = config.format >= 0 ? static_cast<Format>(config.format)
+                                     : SparseMatrix::ChooseFormat(k.w.data(), k.rows, k.cols, k.n_hint);
+  // A forced 1x4 format cannot hold fewer than 4 input features: such a layer runs as CSR
+  // rather than failing the whole session.
+  if (format == Format::kBlock1x4 && k.cols < 4) format = Format::kCSR;
   op->w = SparseMatrix::FromDense(k.w.data(), k.rows, k.cols, format);
 
   // Where the activation sits among the fused node's runtime inputs (constants are dropped).
