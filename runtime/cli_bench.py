@@ -69,7 +69,11 @@ def bench(path: str, *, sparse_ep: bool = False, min_sparsity: "float | None" = 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    dense = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    try:  # ORT's own exception types: an op or a type it cannot run is the model's problem
+        dense = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        ref = dense.run(None, feeds)
+    except Exception as exc:
+        raise UserError(f"onnxruntime cannot run {path}: {exc}") from exc
     runs = {"ort_cpu": lambda: dense.run(None, feeds)}
     result = {"model": str(path), "threads": threads, "batch": calib.batch, "repeats": repeats,
               "onnxruntime": ort.__version__}
@@ -78,7 +82,10 @@ def bench(path: str, *, sparse_ep: bool = False, min_sparsity: "float | None" = 
 
         sparse = runtime.session(data, min_sparsity=min_sparsity, sess_options=so)
         claimed = runtime.claimed_nodes(sparse)
-        ref, got = dense.run(None, feeds), sparse.run(None, feeds)
+        try:
+            got = sparse.run(None, feeds)
+        except Exception as exc:
+            raise UserError(f"the sparse execution provider cannot run {path}: {exc}") from exc
         diff = max((float(np.abs(g - r).max()) / max(float(np.abs(r).max()), 1e-30) for g, r in zip(got, ref)
                     if np.issubdtype(np.asarray(r).dtype, np.floating)), default=0.0)
         runs["sparse_ep"] = lambda: sparse.run(None, feeds)

@@ -113,3 +113,16 @@ def test_cli_bench_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("onnxslim: error:") and len(err.strip().splitlines()) == 1
     assert cli.main(["bench", str(tmp_path / "missing.onnx"), "--threads", "0"]) == 2
+
+
+def test_cli_bench_model_onnxruntime_cannot_run(tmp_path, capsys):
+    # Valid ONNX that ORT cannot run (an op of an unknown domain): a user error, not a crash.
+    graph = h.make_graph([h.make_node("Bar", ["x"], ["y"], domain="example.custom")], "g", [vi("x", [2])],
+                         [vi("y", [2])])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("example.custom", 1)])
+    model.ir_version = 8
+    path = tmp_path / "custom.onnx"
+    onnx.save(model, str(path))
+    assert cli.main(["bench", str(path), "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("onnxslim: error: onnxruntime cannot run") and len(err.strip().splitlines()) == 1
