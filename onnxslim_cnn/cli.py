@@ -41,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Make a trained CNN in ONNX smaller and faster: run passes, check, report.",
         epilog="Examples:\n  onnxslim model.onnx out.onnx\n"
                "  onnxslim model.onnx out.onnx --passes slim --report report.json --bench\n"
-               "  onnxslim --list-passes",
+               "  onnxslim --list-passes\n\n"
+               "Other commands (each with --help):\n"
+               "  onnxslim pack IN.onnx OUT.onnxz      Deep Compression container (Huffman-coded weights)\n"
+               "  onnxslim unpack IN.onnxz OUT.onnx    restore the packed model, byte for byte\n"
+               "  onnxslim fpga IN.onnx OUTDIR         fixed-point IR, C++17 and hls4ml config\n"
+               "  onnxslim bench IN.onnx               ORT CPU latency (--sparse-ep: with the sparse runtime)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("input", nargs="?", help="input ONNX model (never modified)")

@@ -90,3 +90,18 @@ def test_write_error_is_a_user_error(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="cannot write .*out.bin.*No space left on device"):
         write_atomic(tmp_path / "out.bin", b"data")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_help_lists_the_subcommands_and_each_has_help(capsys):
+    from onnxslim_cnn.cli import SUBCOMMANDS
+
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for name in ("pack", "unpack", "fpga"):
+        assert f"onnxslim {name} " in text, name
+        with pytest.raises(SystemExit) as info:
+            main([name, "--help"])
+        assert info.value.code == 0 and f"usage: onnxslim {name}" in capsys.readouterr().out
+    assert set(SUBCOMMANDS) >= {"pack", "unpack", "fpga"}
