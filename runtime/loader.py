@@ -41,7 +41,9 @@ def library_path() -> Path:
     why = failed.read_text().strip().splitlines()[0] if failed.is_file() else "it was not built"
     raise SparseRuntimeUnavailable(
         f"the sparse execution provider library is missing from {folder} ({why}); reinstall with a C++ "
-        "compiler and network access to registry.npmjs.org: python3 -m pip install -e ."
+        "compiler and network access to registry.npmjs.org (or ONNXSLIM_ORT_HEADERS=<headers dir>): "
+        "python3 -m pip install -e . in a checkout, else python3 -m pip install --force-reinstall --no-deps "
+        "--no-binary onnxslim-cnn onnxslim-cnn"
     )
 
 
