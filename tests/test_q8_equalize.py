@@ -279,3 +279,43 @@ def test_bias_correction_gemm_with_alpha_beta(attrs):
     ref = run(model, {"x": x})[0].mean(axis=0)
     assert np.abs(run(rounded(model), {"x": x})[0].mean(axis=0) - ref).max() > 1e-3
     np.testing.assert_allclose(run(rounded(corrected), {"x": x})[0].mean(axis=0), ref, atol=1e-4)
+
+
+def test_equalization_through_prelu_avgpool_zero_pad_globalmaxpool():
+    """The other ops the docs list as positively homogeneous: each pair is found and the float
+    function is unchanged; a reflect Pad and a non-zero Pad value break the pair."""
+    rng = np.random.default_rng(8)
+
+    def spread(shape, axis):
+        s = [1] * len(shape)
+        s[axis] = -1
+        return rng.normal(size=shape) * np.logspace(-1.5, 1.5, shape[axis]).reshape(s)
+
+    def chain(pad_mode="constant", pad_value=0.0):
+        nodes = [h.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+                 h.make_node("PRelu", ["c1", "slope"], ["p1"], name="prelu"),
+                 h.make_node("AveragePool", ["p1"], ["a1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="avg"),
+                 h.make_node("Pad", ["a1", "pads", "pad_value"], ["q1"], mode=pad_mode, name="pad"),
+                 h.make_node("Conv", ["q1", "w2", "b2"], ["c2"], name="conv2"),
+                 h.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+                 h.make_node("GlobalMaxPool", ["r2"], ["g"], name="gmp"),
+                 h.make_node("Flatten", ["g"], ["f"], axis=1, name="flatten"),
+                 h.make_node("Gemm", ["f", "fw", "fb"], ["y"], transB=1, name="fc")]
+        inits = [init("w1", spread((8, 3, 3, 3), 0)), init("b1", rng.normal(size=8)),
+                 init("slope", rng.uniform(0.05, 0.3, size=(8, 1, 1))),
+                 nh.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads"),
+                 init("pad_value", np.array(pad_value)),
+                 init("w2", spread((6, 8, 3, 3), 0)), init("b2", rng.normal(size=6)),
+                 init("fw", spread((5, 6), 1)), init("fb", rng.normal(size=5))]
+        return make_model(nodes, [vi("x", ["N", 3, 8, 8])], [vi("y", ["N", 5])], inits)
+
+    model = chain()
+    g = Graph.from_model(model)
+    pairs, _ = equalize(g)
+    assert [(p["first"], p["second"], p["via"]) for p in pairs] == [
+        ("conv1", "conv2", ["PRelu", "AveragePool", "Pad"]), ("conv2", "fc", ["Relu", "GlobalMaxPool", "Flatten"])]
+    assert all(p["max_range_mismatch"] < 1e-2 for p in pairs)
+    assert_same_outputs(model, g.to_model(), _feeds(model), rel=1e-5)
+    for mode, value, reason in (("reflect", 0.0, "Pad in reflect/edge mode"), ("constant", 1.0, "Pad with a non-zero value")):
+        pairs, skipped = equalize(Graph.from_model(chain(mode, value)))
+        assert [p["first"] for p in pairs] == ["conv2"] and ("conv1", reason) in skipped
