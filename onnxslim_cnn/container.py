@@ -68,6 +68,8 @@ def pack_bytes(model_bytes: bytes, index_bits: int = 0, min_size: int = 256) -> 
     ``index_bits`` 0 picks, per tensor, the relative-index width (1..12) that codes smallest,
     or dense coding when that is smaller still.
     """
+    if model_bytes[:len(MAGIC)] == MAGIC:
+        raise UserError("is an onnxslim container (written by 'onnxslim pack'); run 'onnxslim unpack' first")
     try:
         model = onnx.load_from_string(model_bytes)
     except Exception as exc:

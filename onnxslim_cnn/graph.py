@@ -60,6 +60,8 @@ def load_model(source: "str | os.PathLike | onnx.ModelProto") -> onnx.ModelProto
         try:
             model = onnx.load(str(path), load_external_data=True)
         except Exception as exc:  # DecodeError, missing external data, ...
+            with path.open("rb") as f:
+                _refuse_container(f.read(8), label)
             raise UserError(f"{path}: not a readable ONNX model ({_one_line(exc)})") from None
     else:
         raise UserError(f"expected a path or onnx.ModelProto, got {type(source).__name__}")
@@ -70,6 +72,12 @@ def load_model(source: "str | os.PathLike | onnx.ModelProto") -> onnx.ModelProto
     except Exception as exc:
         raise UserError(f"{label}: invalid ONNX model ({_one_line(exc)})") from None
     return model
+
+
+def _refuse_container(head: bytes, label: str) -> None:
+    """A .onnxz (container.MAGIC) passed where a model is expected: say what to do with it."""
+    if head[:8] == b"ONNXSLMZ":
+        raise UserError(f"{label} is an onnxslim container (written by 'onnxslim pack'); run 'onnxslim unpack' first")
 
 
 def check_model(model: onnx.ModelProto, full_check: bool = True) -> None:

@@ -105,3 +105,11 @@ def test_help_lists_the_subcommands_and_each_has_help(capsys):
             main([name, "--help"])
         assert info.value.code == 0 and f"usage: onnxslim {name}" in capsys.readouterr().out
     assert set(SUBCOMMANDS) >= {"pack", "unpack", "fpga"}
+
+
+@pytest.mark.parametrize("command", [[], ["pack"], ["fpga"]])
+def test_a_container_given_as_model_says_unpack(model_path, tmp_path, capsys, command):
+    z = tmp_path / "m.onnxz"
+    assert main(["pack", str(model_path), str(z), "-q"]) == 0
+    _bad([*command, z, tmp_path / "out.bin"], capsys, "is an onnxslim container (written by 'onnxslim pack'); "
+         "run 'onnxslim unpack' first")
