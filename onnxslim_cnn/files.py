@@ -10,27 +10,42 @@ from .errors import UserError
 
 
 def write_atomic(path: "str | os.PathLike", data: bytes) -> None:
-    """Write ``data`` to a temp file next to ``path``, flush it to disk, then rename it over ``path``."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
+    """Write ``data`` to a temp file next to ``path``, flush it to disk, then rename it over ``path``.
+
+    Readers see the old file or the new one, never a partial one; an OSError (disk full,
+    permissions, a file where a folder should be) is a one-line ``UserError``."""
+    write_atomic_many({path: data})
+
+
+def write_atomic_many(files: "dict[str | os.PathLike, bytes]") -> None:
+    """Write several files as one: all are staged as temp files (written and flushed) before any
+    is renamed into place, so a failure while writing (disk full) leaves none of them."""
+    staged: list[tuple[str, Path]] = []
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".onnxslim-{path.name}.", suffix=".part")
-    except OSError as exc:
-        raise write_error(path, exc) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; these are ordinary user files
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):  # disk full, permissions, a folder in the way: the user's to fix
-            raise write_error(path, exc) from None
+        for path, data in files.items():
+            path = Path(path)
+            folder = path.parent if str(path.parent) else Path(".")
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".onnxslim-{path.name}.", suffix=".part")
+                staged.append((tmp, path))
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o666 & ~umask)
+            except OSError as exc:
+                raise write_error(path, exc) from None
+        for tmp, path in staged:
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise write_error(path, exc) from None
+    except BaseException:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 

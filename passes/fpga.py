@@ -134,7 +134,7 @@ def main(argv: "list[str]") -> int:
     """``onnxslim fpga IN.onnx OUTDIR [--calib X.npz] [--set fpga.bits=8 ...]``."""
     from onnxslim_cnn.analysis.calibration import parse_input_shapes
     from onnxslim_cnn.cli import _Parser
-    from onnxslim_cnn.files import check_outputs, write_atomic
+    from onnxslim_cnn.files import check_outputs, write_atomic_many
     from onnxslim_cnn.options import parse_set
 
     from .fpga_resources import format_table
@@ -162,8 +162,7 @@ def main(argv: "list[str]") -> int:
     reuse = FpgaPass(options).options.reuse_factor
     files = output_files(lowering, reuse)
     assert set(files) <= set(OUTPUT_NAMES), sorted(files)
-    for name, data in files.items():
-        write_atomic(out / name, data)
+    write_atomic_many({out / name: data for name, data in files.items()})
     for warning in lowering.warnings:
         print(f"onnxslim fpga: warning: {warning}", file=sys.stderr)
     if not args.quiet:

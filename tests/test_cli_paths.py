@@ -113,3 +113,26 @@ def test_a_container_given_as_model_says_unpack(model_path, tmp_path, capsys, co
     assert main(["pack", str(model_path), str(z), "-q"]) == 0
     _bad([*command, z, tmp_path / "out.bin"], capsys, "is an onnxslim container (written by 'onnxslim pack'); "
          "run 'onnxslim unpack' first")
+
+
+def test_fpga_write_failure_leaves_no_part_of_the_set(tmp_path, monkeypatch, capsys):
+    """The seven fpga files are staged first and renamed together: a failure while writing
+    (disk full on the third file) leaves none of them, and no temp files."""
+    import os
+
+    from onnxslim_cnn.models import digits
+
+    calls = []
+    real_fsync = os.fsync
+
+    def third_fails(fd):
+        calls.append(fd)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", third_fails)
+    out = tmp_path / "out"
+    _bad(["fpga", digits.fixture_path("digits_resnet"), out, "-q", "--set", "fpga.bits=8"], capsys,
+         "No space left on device")
+    assert not out.exists() or sorted(p.name for p in out.iterdir()) == []
