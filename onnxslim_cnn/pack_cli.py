@@ -89,7 +89,8 @@ def pack_main(argv: list[str]) -> int:
             print(format_rows(rows))
         else:
             print("no sparse or shared weights found: the container holds the compressed protobuf only")
-        print(f"\n{args.input}: {before:,} bytes -> {args.output}: {after:,} bytes ({before / after:.1f}x smaller)")
+        size = f"{before / after:.1f}x smaller" if after < before else f"{after / before:.2f}x larger: nothing to code"
+        print(f"\n{args.input}: {before:,} bytes -> {args.output}: {after:,} bytes ({size})")
     return 0
 
 

@@ -136,3 +136,10 @@ def test_fpga_write_failure_leaves_no_part_of_the_set(tmp_path, monkeypatch, cap
     _bad(["fpga", digits.fixture_path("digits_resnet"), out, "-q", "--set", "fpga.bits=8"], capsys,
          "No space left on device")
     assert not out.exists() or sorted(p.name for p in out.iterdir()) == []
+
+
+def test_pack_of_a_tiny_model_says_larger(model_path, tmp_path, capsys):
+    """A model with nothing to code grows by the container header: say so, not '0.9x smaller'."""
+    assert main(["pack", str(model_path), str(tmp_path / "m.onnxz")]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "x larger: nothing to code)" in last and "smaller" not in last, last
