@@ -6,6 +6,11 @@ FLOAT16 and float ``ConstantOfShape`` values are converted. With ``keep_io_types
 model's float32 inputs and outputs stay float32: a ``Cast`` to float16 follows each float32
 input and a ``Cast`` back to float32 precedes each float32 output, as onnxconverter-common does.
 
+BatchNormalization is folded first (``fold_bn``, by running ``slim``): BN statistics often lie
+outside the float16 range (PP-OCRv4's detector has a running variance of 9.8e7), and clamping
+them to 65504 wrecked that model's output (cosine 0.76 to float), while the folded conv weights
+fit.
+
 Inputs that the ONNX spec wants in float32 whatever the data type (Resize ``roi``/``scales``,
 Upsample ``scales``) are left alone. ONNX Runtime's CPU provider runs the ops it has no float16
 kernel for in float32 by inserting casts itself, so the result loads and runs there.
@@ -33,6 +38,8 @@ SKIP_OPS = {"If", "Loop", "Scan"}
 @dataclasses.dataclass(frozen=True)
 class Fp16Options:
     keep_io_types: bool = option(True, "keep float32 graph inputs and outputs (Cast at the boundaries)")
+    fold_bn: bool = option(True, "run slim first, folding BatchNormalization (whose variances can overflow "
+                                 "float16) into the preceding Conv/Gemm")
 
 
 @register_pass
@@ -47,6 +54,12 @@ class Fp16Pass(Pass):
         if any(n.op in SKIP_OPS for n in graph.nodes):
             result.skip("graph", "control-flow subgraphs (If/Loop/Scan) are not converted")
             return result
+        if self.options.fold_bn:
+            from .slim import SlimPass
+
+            slim_result = SlimPass().run(graph, ctx)
+            result.stats["slim_changes"] = len(slim_result.changes)
+            result.changed = result.changed or slim_result.changed
         f32 = np.dtype(np.float32)
         keep_io = self.options.keep_io_types
         io_ids = {id(t) for t in list(graph.inputs) + list(graph.outputs)}

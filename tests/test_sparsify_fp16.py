@@ -12,6 +12,7 @@ from onnxslim_cnn.graph import check_model
 from onnxslim_cnn.models import digits, reference
 from onnxslim_cnn.passes.fp16 import Fp16Pass
 from onnxslim_cnn.passes.sparsify import SparsifyPass
+from graphs import conv_bn_model, run
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +203,23 @@ def test_sparsify_sensitivity_finds_largest_ratio_within_budget(vgg):
         assert err(further) > budget
     # the FC layers tolerate more pruning than the convolutions
     assert changes["classifier.0"]["ratio"] > changes["features.4"]["ratio"]
+
+
+@pytest.mark.parametrize("fold_bn", [True, False])
+def test_fp16_folds_batchnorm_whose_variance_overflows_half(fold_bn):
+    """A BN running variance beyond 65504 (as in PP-OCRv4 det) must not be clamped: fold it first."""
+    model = conv_bn_model()
+    for t in model.graph.initializer:
+        if t.name in ("v", "g"):  # variance 1e6..4e6 with gamma scaled alike: same magnitudes out
+            scale = 1e6 if t.name == "v" else 1e3
+            values = onnx.numpy_helper.to_array(t) * scale
+            t.CopyFrom(onnx.numpy_helper.from_array(values.astype(np.float32), t.name))
+    x = np.random.default_rng(0).normal(size=(2, 4, 8, 8)).astype(np.float32)
+    half, result = Fp16Pass(fold_bn=fold_bn).apply(model)
+    ref, got = run(model, {"x": x})[0], run(half, {"x": x})[0]
+    rel = float(np.abs(got - ref).max() / np.abs(ref).max())
+    if fold_bn:
+        assert not any(n.op_type == "BatchNormalization" for n in half.graph.node)
+        assert "values_clamped" not in result.stats and rel < 5e-3, rel
+    else:  # what the option prevents: the clamped variance scales the output by sqrt(v / 65504)
+        assert result.stats["values_clamped"] == 6 and rel > 0.5, rel
