@@ -76,7 +76,9 @@ def load_model(source: "str | os.PathLike | onnx.ModelProto") -> onnx.ModelProto
 
 def _refuse_container(head: bytes, label: str) -> None:
     """A .onnxz (container.MAGIC) passed where a model is expected: say what to do with it."""
-    if head[:8] == b"ONNXSLMZ":
+    from .container import MAGIC
+
+    if head[:len(MAGIC)] == MAGIC:
         raise UserError(f"{label} is an onnxslim container (written by 'onnxslim pack'); run 'onnxslim unpack' first")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -15,10 +14,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _build_module():
-    spec = importlib.util.spec_from_file_location("_build_ep_under_test", ROOT / "runtime" / "build_ep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    # runtime/build_ep.py installed as onnxslim_cnn.runtime.build_ep (setup.py loads it by path only
+    # because its isolated build environment cannot import the package)
+    from onnxslim_cnn.runtime import build_ep
+
+    return build_ep
 
 
 def _project_copy(tmp_path: Path) -> Path:
