@@ -11,6 +11,13 @@ outside the float16 range (PP-OCRv4's detector has a running variance of 9.8e7),
 them to 65504 wrecked that model's output (cosine 0.76 to float), while the folded conv weights
 fit.
 
+``op_block_list`` / ``node_block_list`` keep chosen nodes in float32, as onnxconverter-common's
+options of the same names do: their float16 inputs get a ``Cast`` to float32, their float32
+outputs a ``Cast`` back to float16, and the constants only they read stay float32. The default
+block list is onnxconverter-common's list cut to the ops a CNN export contains (detection
+post-processing and index arithmetic, whose float16 results are wrong or which ORT has no float16
+kernel for, so it would cast around them anyway).
+
 Inputs that the ONNX spec wants in float32 whatever the data type (Resize ``roi``/``scales``,
 Upsample ``scales``) are left alone. ONNX Runtime's CPU provider runs the ops it has no float16
 kernel for in float32 by inserting casts itself, so the result loads and runs there.
@@ -33,6 +40,9 @@ FP16_MAX = float(np.finfo(np.float16).max)
 FLOAT32_INPUTS = {("Resize", 1), ("Resize", 2), ("Upsample", 1)}
 # ops whose outputs are not the float data type of their inputs, or that hold subgraphs
 SKIP_OPS = {"If", "Loop", "Scan"}
+# onnxconverter-common's DEFAULT_OP_BLOCK_LIST minus its ai.onnx.ml ops (never in a CNN export)
+DEFAULT_OP_BLOCK_LIST = ["NonMaxSuppression", "TopK", "RoiAlign", "Range", "CumSum", "Min", "Max",
+                         "Upsample", "RandomUniformLike"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +50,9 @@ class Fp16Options:
     keep_io_types: bool = option(True, "keep float32 graph inputs and outputs (Cast at the boundaries)")
     fold_bn: bool = option(True, "run slim first, folding BatchNormalization (whose variances can overflow "
                                  "float16) into the preceding Conv/Gemm")
+    op_block_list: list[str] = option(list(DEFAULT_OP_BLOCK_LIST), "op types kept in float32 (Casts around "
+                                      "them); [] converts every op")
+    node_block_list: list[str] = option([], "node names kept in float32 (Casts around them)")
 
 
 @register_pass
@@ -65,6 +78,15 @@ class Fp16Pass(Pass):
         io_ids = {id(t) for t in list(graph.inputs) + list(graph.outputs)}
         fixed = {id(node.inputs[i]) for node in graph.nodes for i in range(len(node.inputs))
                  if (node.op, i) in FLOAT32_INPUTS and node.inputs[i] is not None}
+
+        blocked = [n for n in graph.nodes
+                   if n.op in self.options.op_block_list or n.name in self.options.node_block_list]
+        for name in sorted(set(self.options.node_block_list) - {n.name for n in graph.nodes}):
+            result.skip(name, "node_block_list: no node of this name")
+        blocked_ids = {id(n) for n in blocked}
+        # constants that only blocked nodes read stay float32 (no Cast needed for them)
+        fixed |= {id(t) for n in blocked for t in n.inputs
+                  if isinstance(t, gs.Constant) and all(id(c) in blocked_ids for c in t.outputs)}
 
         # 1. initializers
         clamped = converted = 0
@@ -133,10 +155,55 @@ class Fp16Pass(Pass):
                            inputs=[half], outputs=[out])
             graph.nodes.append(cast)
             result.change(out.name, "output_cast")
+        # 5. nodes kept in float32
+        for node in blocked:
+            _keep_float32(graph, node, result)
+        if blocked:
+            graph.remove_unused()  # input Casts that only kept nodes read
         result.changed = result.changed or converted > 0
         if result.changed:
             graph.toposort()
         return result
+
+
+def _keep_float32(graph: Graph, node: gs.Node, result: PassResult) -> None:
+    """Surround ``node`` with Casts so it computes in float32 inside a float16 graph.
+
+    A float32 -> float16 Cast already in front of an input (the ``keep_io_types`` input Cast, or
+    another kept node's output Cast) is looked through instead of adding a Cast back, and a
+    float16 -> float32 output Cast that makes a graph output is replaced by writing the output
+    directly: a kept node's results are not rounded to float16 on their way out.
+    """
+    f16, f32 = np.dtype(np.float16), np.dtype(np.float32)
+    for i, t in enumerate(node.inputs):
+        if t is None or _dtype(t.dtype) != f16:
+            continue
+        producer = graph.producer(t)
+        if producer is not None and producer.op == "Cast" and _dtype(producer.inputs[0].dtype) == f32:
+            node.inputs[i] = producer.inputs[0]
+            continue
+        wide = gs.Variable(graph.unique_name(f"{t.name}_fp32"), dtype=np.float32, shape=t.shape)
+        graph.nodes.append(gs.Node("Cast", graph.unique_name(f"{node.name}_in{i}_to_fp32"),
+                                   attrs={"to": onnx.TensorProto.FLOAT}, inputs=[t], outputs=[wide]))
+        node.inputs[i] = wide
+    for j, t in enumerate(list(node.outputs)):
+        if _dtype(t.dtype) != f16:
+            continue
+        to_output = next((c for c in graph.consumers(t) if c.op == "Cast"
+                          and int(c.attrs.get("to", 0)) == onnx.TensorProto.FLOAT
+                          and graph.is_graph_output(c.outputs[0])), None)
+        if to_output is not None:
+            wide = to_output.outputs[0]
+            to_output.inputs.clear()
+            to_output.outputs.clear()
+            graph.nodes.remove(to_output)
+        else:
+            wide = gs.Variable(graph.unique_name(f"{t.name}_fp32"), dtype=np.float32, shape=t.shape)
+        node.outputs[j] = wide
+        if graph.consumers(t) or graph.is_graph_output(t):
+            graph.nodes.append(gs.Node("Cast", graph.unique_name(f"{node.name}_out{j}_to_fp16"),
+                                       attrs={"to": onnx.TensorProto.FLOAT16}, inputs=[wide], outputs=[t]))
+    result.change(node.name, "kept_float32", op=node.op)
 
 
 def _dtype(dtype) -> "np.dtype | None":

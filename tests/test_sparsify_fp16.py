@@ -223,3 +223,61 @@ def test_fp16_folds_batchnorm_whose_variance_overflows_half(fold_bn):
         assert "values_clamped" not in result.stats and rel < 5e-3, rel
     else:  # what the option prevents: the clamped variance scales the output by sqrt(v / 65504)
         assert result.stats["values_clamped"] == 6 and rel > 0.5, rel
+
+
+def _casts(model):
+    return [n for n in model.graph.node if n.op_type == "Cast"]
+
+
+def test_fp16_block_list_keeps_nodes_float32_without_double_rounding():
+    """Every node blocked (after the BN fold: conv -> relu): the model computes exactly as float32,
+    with no Cast left (the input Cast is looked through, the output Cast replaced)."""
+    model = conv_bn_model()
+    x = np.random.default_rng(1).normal(size=(2, 4, 8, 8)).astype(np.float32)
+    ref = run(model, {"x": x})[0]
+    out, result = Fp16Pass(op_block_list=["Conv", "Relu"]).apply(model)
+    check_model(out)
+    assert result.stats["kept_float32"] == 2 and not _casts(out)
+    assert all(t.data_type == onnx.TensorProto.FLOAT for t in out.graph.initializer)
+    assert np.abs(run(out, {"x": x})[0] - ref).max() < 1e-5  # float32 rounding of the BN fold only
+
+
+def test_fp16_node_block_list_casts_around_one_node():
+    """Only the conv kept: it reads the float32 input and weight directly, its result goes to
+    float16 for the Relu; a node name that is not in the graph gives a warning."""
+    model = conv_bn_model()
+    x = np.random.default_rng(2).normal(size=(2, 4, 8, 8)).astype(np.float32)
+    ref = run(model, {"x": x})[0]
+    out, result = Fp16Pass(node_block_list=["conv", "no_such_node"]).apply(model)
+    check_model(out)
+    conv = next(n for n in out.graph.node if n.op_type == "Conv")
+    inits = {t.name: t for t in out.graph.initializer}
+    assert conv.input[0] == "x" and inits[conv.input[1]].data_type == onnx.TensorProto.FLOAT
+    casts = {(n.input[0], n.attribute[0].i) for n in _casts(out)}
+    assert (conv.output[0], onnx.TensorProto.FLOAT16) in casts and len(casts) == 2  # + the output Cast
+    plain, _ = Fp16Pass(op_block_list=[]).apply(model)
+    err = lambda m: float(np.abs(run(m, {"x": x})[0] - ref).max())  # noqa: E731
+    assert err(out) < 2e-2 and err(plain) < 2e-2
+    assert result.skipped == [{"item": "no_such_node", "reason": "node_block_list: no node of this name"}]
+
+
+def test_fp16_default_block_list_keeps_topk_float32():
+    """TopK is in the default block list (onnxconverter-common's): its values and the model
+    output stay float32 while the Conv in front of it runs in float16."""
+    from graphs import init, make_model, vi
+    h = onnx.helper
+    rng = np.random.default_rng(3)
+    nodes = [h.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             h.make_node("Flatten", ["c"], ["f"], name="flat"),
+             h.make_node("TopK", ["f", "k"], ["y", "idx"], name="topk")]
+    inits = [init("w", rng.normal(size=(3, 2, 1, 1))), onnx.numpy_helper.from_array(np.array([5], np.int64), "k")]
+    model = make_model(nodes, [vi("x", [1, 2, 4, 4])], [vi("y", [1, 5]), vi("idx", [1, 5], onnx.TensorProto.INT64)],
+                       inits)
+    out, result = Fp16Pass(fold_bn=False).apply(model)
+    check_model(out)
+    assert result.stats["kept_float32"] == 1
+    topk = next(n for n in out.graph.node if n.op_type == "TopK")
+    assert topk.output[0] == "y"  # writes the float32 graph output itself
+    x = rng.normal(size=(1, 2, 4, 4)).astype(np.float32)
+    got, ref = run(out, {"x": x}), run(model, {"x": x})
+    assert np.abs(got[0] - ref[0]).max() < 1e-2 and got[0].dtype == np.float32
