@@ -85,6 +85,13 @@ OrtStatus* ParseConfig(const OrtSessionOptions* options, EpConfig& config) {
                         ORT_INVALID_ARGUMENT);
     config.min_sparsity = static_cast<float>(v);
   }
+  const std::string max_formats = ConfigEntry(options, kOptMaxFormats);
+  if (!max_formats.empty()) {
+    if (max_formats != "1" && max_formats != "2" && max_formats != "3")
+      return MakeStatus(std::string(kEpName) + ": max_formats must be 1, 2 or 3, got '" + max_formats + "'",
+                        ORT_INVALID_ARGUMENT);
+    config.max_formats = max_formats[0] - '0';
+  }
   const std::string format = ConfigEntry(options, kOptFormat);
   if (format.empty() || format == "auto") config.format = -1;
   else if (format == "csr") config.format = static_cast<int>(onnxslim_sparse::Format::kCSR);
