@@ -10,6 +10,7 @@
 #include "ep_common.h"
 #include "ep_graph.h"
 #include "ep_ops.h"
+#include "ep_weight.h"
 
 #if defined(_WIN32)
 #define ONNXSLIM_EXPORT extern "C" __declspec(dllexport)
@@ -105,6 +106,16 @@ OrtStatus* ParseConfig(const OrtSessionOptions* options, EpConfig& config) {
   return nullptr;
 }
 
+const char* FormatName(onnxslim_sparse::Format f) {
+  switch (f) {
+    case onnxslim_sparse::Format::kCSR: return "csr";
+    case onnxslim_sparse::Format::kBlock1x4: return "block1x4";
+    case onnxslim_sparse::Format::kBlock4x1: return "block4x1";
+    case onnxslim_sparse::Format::kDense: return "dense";
+  }
+  return "?";
+}
+
 struct SparseEp : OrtEp {
   EpConfig config;
   const OrtLogger* logger;
@@ -153,6 +164,13 @@ struct SparseEp : OrtEp {
                                           std::to_string(op->w->rows()) + "x" + std::to_string(op->w->cols()) +
                                           ", " + std::to_string(op->w->nonzeros()) + " nonzeros, format " +
                                           std::to_string(static_cast<int>(op->w->format())));
+      if (const auto* layer = dynamic_cast<const LayerWeight*>(op->w.get()))
+        ep->Log(ORT_LOGGING_LEVEL_INFO, std::string(kEpName) + " " + op->name + " formats by product columns: n=1 " +
+                                            FormatName(layer->FormatFor(1)) + ", n=2..8 " +
+                                            FormatName(layer->FormatFor(8)) + ", n>8 " +
+                                            FormatName(layer->FormatFor(64)) + "; " +
+                                            std::to_string(layer->FormatCount()) + " held, " +
+                                            std::to_string(layer->bytes()) + " bytes");
       infos[i] = new ComputeInfo(std::move(op));
     }
     return nullptr;
