@@ -10,13 +10,16 @@ plain CPU session (what the model costs without us) and runtime.session(min_spar
 Models: the VGG-16 fc6 layer (25088 -> 4096, 90 % random zeros) as Gemm(transB=1) (the
 PyTorch export form, weight stored out x in) and as MatMul (weight stored in x out, the form
 the EP has to transpose), and VGG-16 end to end after `sparsify` at 90 % (global). Medians of
---repeats children per contender, interleaved.
+--repeats children per contender, interleaved. `--baseline-library old.so` adds a third
+contender, the same runtime.session with an older build of the EP library (before/after in one
+run; build one from a commit's runtime/src with runtime/build_ep.py's build_library).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -45,7 +48,7 @@ with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # peak RSS := current RSS
 before = status("VmRSS")
 t = time.perf_counter()
-if kind == "ort_dense":
+if kind == "ort_dense":  # sparse_ep_baseline: same as sparse_ep, the library comes from the environment
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     claimed = 0
 else:
@@ -97,8 +100,11 @@ def vgg16_model(folder: Path) -> Path:
     return path
 
 
-def measure(path: Path, kind: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(path), kind], capture_output=True, text=True)
+def measure(path: Path, kind: str, baseline: "str | None" = None) -> dict:
+    env = dict(os.environ)
+    if kind == "sparse_ep_baseline":
+        env["ONNXSLIM_SPARSE_EP_LIBRARY"] = baseline
+    out = subprocess.run([sys.executable, "-c", CHILD, str(path), kind], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"child failed on {path.name} / {kind}: {out.stderr.strip()[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -110,6 +116,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--models", default="fc6_gemm_transB1,fc6_matmul,vgg16")
     p.add_argument("--cache", help="folder to keep the generated models in (default: a temp folder)")
+    p.add_argument("--baseline-library", help="an older _sparse_ep.so to compare with (third contender)")
     args = p.parse_args(argv)
     wanted = [m for m in args.models.split(",") if m]
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,9 +130,11 @@ def main(argv=None):
         rows = []
         for name, path in paths.items():
             samples = {"ort_dense": [], "sparse_ep": []}
+            if args.baseline_library:
+                samples["sparse_ep_baseline"] = []
             for _ in range(args.repeats):
                 for kind in samples:
-                    samples[kind].append(measure(path, kind))
+                    samples[kind].append(measure(path, kind, args.baseline_library))
             row = {"model": name, "file_bytes": path.stat().st_size}
             for kind, runs in samples.items():
                 row[kind] = {"seconds": round(statistics.median(r["seconds"] for r in runs), 3),
@@ -134,7 +143,7 @@ def main(argv=None):
                              "claimed_nodes": runs[0]["claimed_nodes"]}
             print(row, file=sys.stderr, flush=True)
             rows.append(row)
-    emit({"machine": machine(), "method": "fresh child per sample, peak RSS mark reset before the session, "
+    emit({"machine": machine(), "baseline_library": args.baseline_library, "method": "fresh child per sample, peak RSS mark reset before the session, "
           f"medians of {args.repeats}; min_sparsity 0.8, format auto, 1 intra-op thread", "rows": rows}, args.out)
 
 

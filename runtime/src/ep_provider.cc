@@ -3,6 +3,9 @@
 // factory answers "none" to allocator / data-transfer / stream requests.
 #include <cstdlib>
 #include <cstring>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #include <memory>
 #include <string>
 #include <vector>
@@ -173,6 +176,11 @@ struct SparseEp : OrtEp {
                                             std::to_string(layer->bytes()) + " bytes");
       infos[i] = new ComputeInfo(std::move(op));
     }
+#if defined(__GLIBC__)
+    // Building the formats freed transposition panels and grown vectors inside the heap; hand
+    // that back to the OS now rather than leaving it in the process's RSS.
+    malloc_trim(0);
+#endif
     return nullptr;
     ONNXSLIM_EP_CATCH
   }
