@@ -32,6 +32,8 @@ def main(argv=None):
     p.add_argument("--sparsities", default="0.5,0.6,0.7")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--budget", type=float, default=layer_bench.BUDGET_S,
+                   help="seconds per contender per row (more = more repeats, at most 15)")
     args = p.parse_args(argv)
     reason = runtime.unavailable_reason()
     if reason:
@@ -51,7 +53,7 @@ def main(argv=None):
             for batch in [int(b) for b in args.batches.split(",")]:
                 x = rng.standard_normal((batch, k)).astype(np.float32)
                 runs = {k2: (lambda s: lambda: s.run(None, {"x": x}))(s) for k2, s in sessions.items()}
-                ms = layer_bench.round_robin(runs)
+                ms = layer_bench.round_robin(runs, args.budget)
                 row = {"layer": name, "sparsity": sparsity, "batch": batch, "threads": args.threads,
                        "claimed": claimed, "ms": ms,
                        "speedup_vs_dense": {k2: round(ms["ort_dense"] / ms[k2], 3) for k2 in ms if k2 != "ort_dense"}}

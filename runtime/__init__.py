@@ -32,9 +32,11 @@ from .loader import (
 DEFAULT_MIN_SPARSITY = 0.8
 FORMATS = ("auto", "csr", "block1x4", "block4x1", "dense")
 # Gemm/MatMul weights may be held in up to this many formats, one per product width regime
-# (1, 2..8, > 8 columns; docs/sparse_runtime.md "Options"): 2 covers random sparsity, where
-# the cost model's picks differ only at 2..8 columns and 50-60 % zeros.
-DEFAULT_MAX_FORMATS = 2
+# (1, 2..8, > 8 columns; docs/sparse_runtime.md "Options"). 1 by default: on random sparsity the
+# picks differ only at 2..8 columns and 50-60 % zeros (4x1 strips instead of CSR), and measured
+# through ORT (bench/results_sparse_formats.json) that second copy was faster on fc6 but slower
+# on fc7 and the ddddocr Gemm, so it does not earn its memory by default.
+DEFAULT_MAX_FORMATS = 1
 
 __all__ = ["EP_NAME", "DEFAULT_MIN_SPARSITY", "DEFAULT_MAX_FORMATS", "FORMATS", "SparseRuntimeUnavailable", "available",
            "unavailable_reason", "library_path", "session", "claimed_nodes"]

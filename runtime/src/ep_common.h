@@ -52,8 +52,8 @@ struct EpConfig {
   float min_sparsity = kDefaultMinSparsity;
   int format = -1;  // -1 = auto (SparseMatrix::ChooseFormat), else onnxslim_sparse::Format
   // Distinct formats a Gemm/MatMul weight may be held in, for products of 1, 2..8 and > 8
-  // columns (ep_weight.h); 1 = only the declared batch's format.
-  int max_formats = 2;
+  // columns (ep_weight.h); 1 = only the declared batch's format (= runtime.DEFAULT_MAX_FORMATS).
+  int max_formats = 1;
   std::shared_ptr<WeightCountsCache> counts = std::make_shared<WeightCountsCache>();
 };
 
