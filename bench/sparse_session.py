@@ -7,7 +7,8 @@ the child imports onnxruntime and our runtime, resets the kernel's peak-RSS mark
 (/proc/self/clear_refs), creates one session from a model file on disk and reports the time
 that took and how far the peak RSS (VmHWM) rose above the RSS before it. Contenders: ORT's
 plain CPU session (what the model costs without us) and runtime.session(min_sparsity=0.8).
-Models: the VGG-16 fc6 layer (25088 -> 4096, 90 % random zeros) as Gemm(transB=1) (the
+Models: the VGG-16 fc6 layer (25088 -> 4096, 90 % random zeros; `fc6_gemm_transB1_s50`: 50 %,
+claimed with min_sparsity 0.5, so the EP also holds ORT's dense kernel for batches > 1) as Gemm(transB=1) (the
 PyTorch export form, weight stored out x in) and as MatMul (weight stored in x out, the form
 the EP has to transpose), and VGG-16 end to end after `sparsify` at 90 % (global). Medians of
 --repeats children per contender, interleaved. `--baseline-library old.so` adds a third
@@ -41,7 +42,7 @@ def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
-path, kind = sys.argv[1], sys.argv[2]
+path, kind, min_sparsity = sys.argv[1], sys.argv[2], float(sys.argv[3])
 so = ort.SessionOptions()
 so.intra_op_num_threads = 1
 with open("/proc/self/clear_refs", "w") as f:
@@ -52,7 +53,7 @@ if kind == "ort_dense":  # sparse_ep_baseline: same as sparse_ep, the library co
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     claimed = 0
 else:
-    sess = runtime.session(path, sess_options=so)
+    sess = runtime.session(path, sess_options=so, min_sparsity=min_sparsity)
     claimed = len(runtime.claimed_nodes(sess))
 seconds = time.perf_counter() - t
 print(json.dumps({"seconds": seconds, "peak_rise_bytes": status("VmHWM") - before,
@@ -60,7 +61,7 @@ print(json.dumps({"seconds": seconds, "peak_rise_bytes": status("VmHWM") - befor
 """
 
 
-def fc6_models(folder: Path) -> dict:
+def fc6_models(folder: Path, sparsity: float = 0.9, suffix: str = "") -> dict:
     import onnx
     from onnx import TensorProto
     from onnx import helper as h
@@ -69,7 +70,7 @@ def fc6_models(folder: Path) -> dict:
     rng = np.random.default_rng(0)
     k, n = 25088, 4096
     w = rng.standard_normal((n, k)).astype(np.float32)
-    w.reshape(-1)[rng.permutation(w.size)[: int(0.9 * w.size)]] = 0.0
+    w.reshape(-1)[rng.permutation(w.size)[: int(sparsity * w.size)]] = 0.0
     bias = rng.standard_normal(n).astype(np.float32)
     x = h.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])
     y = h.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])
@@ -78,6 +79,7 @@ def fc6_models(folder: Path) -> dict:
         "fc6_matmul": ([h.make_node("MatMul", ["x", "W"], ["y"])], np.ascontiguousarray(w.T)),
     }
     paths = {}
+    forms = {name + suffix: form for name, form in forms.items()}
     for name, (nodes, weight) in forms.items():
         inits = [nh.from_array(weight, "W")] + ([nh.from_array(bias, "B")] if len(nodes[0].input) > 2 else [])
         model = h.make_model(h.make_graph(nodes, name, [x], [y], inits), opset_imports=[h.make_opsetid("", 17)])
@@ -100,11 +102,12 @@ def vgg16_model(folder: Path) -> Path:
     return path
 
 
-def measure(path: Path, kind: str, baseline: "str | None" = None) -> dict:
+def measure(path: Path, kind: str, baseline: "str | None" = None, min_sparsity: float = 0.8) -> dict:
     env = dict(os.environ)
     if kind == "sparse_ep_baseline":
         env["ONNXSLIM_SPARSE_EP_LIBRARY"] = baseline
-    out = subprocess.run([sys.executable, "-c", CHILD, str(path), kind], capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-c", CHILD, str(path), kind, repr(min_sparsity)], capture_output=True,
+                         text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"child failed on {path.name} / {kind}: {out.stderr.strip()[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -123,8 +126,10 @@ def main(argv=None):
         folder = Path(args.cache or tmp)
         folder.mkdir(parents=True, exist_ok=True)
         paths = {}
-        if any(m.startswith("fc6") for m in wanted):
+        if any(m.startswith("fc6") and not m.endswith("_s50") for m in wanted):
             paths.update({k: v for k, v in fc6_models(folder).items() if k in wanted})
+        if any(m.endswith("_s50") for m in wanted):  # claimed at min_sparsity 0.5: MLAS fallback for batch > 1
+            paths.update({k: v for k, v in fc6_models(folder, 0.5, "_s50").items() if k in wanted})
         if "vgg16" in wanted:
             paths["vgg16"] = vgg16_model(folder)
         rows = []
@@ -134,7 +139,8 @@ def main(argv=None):
                 samples["sparse_ep_baseline"] = []
             for _ in range(args.repeats):
                 for kind in samples:
-                    samples[kind].append(measure(path, kind, args.baseline_library))
+                    samples[kind].append(measure(path, kind, args.baseline_library,
+                                                 0.5 if name.endswith("_s50") else 0.8))
             row = {"model": name, "file_bytes": path.stat().st_size}
             for kind, runs in samples.items():
                 row[kind] = {"seconds": round(statistics.median(r["seconds"] for r in runs), 3),

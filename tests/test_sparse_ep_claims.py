@@ -134,7 +134,7 @@ def test_constant_left_respects_min_sparsity():
 # --- formats per product width, panels ---------------------------------------------------
 
 LOG_RE = re.compile(r"compiled (\S+): (\d+)x(\d+), (\d+) nonzeros.*\n.*\1 formats by product columns: "
-                    r"n=1 (\w+), n=2\.\.8 (\w+), n>8 (\w+); (\d) held")
+                    r"n=1 (\w+), n=2\.\.8 (\w+), n>8 (\w+); (\d) held, \d+ bytes; MLAS for ([^\n]*)")
 
 
 def compile_log(tmp_path, model, **kw):
@@ -146,7 +146,7 @@ def compile_log(tmp_path, model, **kw):
             f"runtime.session(sys.argv[1], min_sparsity=0.0, sess_options=so, **{kw!r})")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
     return {m[0]: {"shape": (int(m[1]), int(m[2])), "nonzeros": int(m[3]), "formats": list(m[4:7]),
-                   "held": int(m[7])} for m in LOG_RE.findall(out.stderr + out.stdout)}
+                   "held": int(m[7]), "mlas": m[8].split()} for m in LOG_RE.findall(out.stderr + out.stdout)}
 
 
 def choose_format(w, n):
@@ -168,11 +168,12 @@ def test_format_follows_product_width(tmp_path):
     wt = w.T  # the kernels' W: out x in
     expect = [choose_format(wt, n) for n in (1, 8, 64)]
     assert expect == ["csr", "block4x1", "csr"]
-    log = compile_log(tmp_path, model, max_formats=2)["mm"]
-    assert log == {"shape": (256, 512), "nonzeros": int(np.count_nonzero(w)), "formats": expect, "held": 2}
+    log = compile_log(tmp_path, model, max_formats=2, dense_fallback="off")["mm"]
+    assert log == {"shape": (256, 512), "nonzeros": int(np.count_nonzero(w)), "formats": expect, "held": 2,
+                   "mlas": ["none"]}
     one = compile_log(tmp_path, model)["mm"]  # default max_formats=1: the declared batch's format only
     assert one["formats"] == ["csr"] * 3 and one["held"] == 1
-    sess = runtime.session(model, min_sparsity=0.0, max_formats=2)
+    sess = runtime.session(model, min_sparsity=0.0, max_formats=2, dense_fallback="off")
     for batch in (1, 5, 32):  # each batch runs a different stored format
         x = rng.standard_normal((batch, 512)).astype(np.float32)
         ref = run(model, {"x": x})[0]
@@ -208,3 +209,64 @@ def test_max_formats_is_checked():
     model, _ = left_matmul_model(rng, 8, (16, 2), 0.5)
     for bad in (0, 4, "2", True):
         assert "max_formats must be 1, 2 or 3" in user_error(runtime.session, model, max_formats=bad)
+
+
+# --- ORT's MLAS for the widths where it beats the sparse format -----------------------------
+
+def fc_matmul(rng, sparsity, k=512, m=256):
+    w = sparse_weight(rng, (k, m), sparsity, 1)
+    return make_model([h.make_node("MatMul", ["x", "W"], ["y"], name="mm")], [vi("x", ["N", k])],
+                      [vi("y", ["N", m])], [init("W", w)])
+
+
+@needs_ep
+def test_dense_fallback_follows_the_cost_model(tmp_path):
+    rng = np.random.default_rng(50)
+    half, most = fc_matmul(rng, 0.5), fc_matmul(rng, 0.9)
+    # 50 % zeros: CSR beats MLAS at one column only; 90 %: everywhere
+    assert compile_log(tmp_path, half)["mm"]["mlas"] == ["n=2..8", "n>8"]
+    assert compile_log(tmp_path, most)["mm"]["mlas"] == ["none"]
+    assert compile_log(tmp_path, half, dense_fallback="off")["mm"]["mlas"] == ["none"]
+    assert compile_log(tmp_path, most, dense_fallback="always")["mm"]["mlas"] == ["n=1", "n=2..8", "n>8"]
+    sess = runtime.session(half, min_sparsity=0.0)
+    for batch in (1, 5, 32):  # sparse, MLAS, MLAS
+        x = rng.standard_normal((batch, 512)).astype(np.float32)
+        ref, got = run(half, {"x": x})[0], sess.run(None, {"x": x})[0]
+        assert float(np.abs(got - ref).max()) <= 1e-5 * float(np.abs(ref).max())
+
+
+@needs_ep
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("c_shape", [(None,), ("n",), ()])
+@pytest.mark.parametrize("batch", [1, 32])
+def test_dense_fallback_gemm_forms(trans_b, c_shape, batch):
+    from test_sparse_ep import gemm_model
+
+    rng = np.random.default_rng(51)
+    model, feeds = gemm_model(rng, batch, 50, 24, 0.6, 0, trans_b, alpha=0.7, beta=-1.3, c_shape=c_shape)
+    check(model, feeds, ["Gemm", "Relu"], dense_fallback="always")
+
+
+@needs_ep
+@pytest.mark.parametrize("batch", [1, 32])
+def test_dense_fallback_matmul_batch_dims_bias_relu(batch):
+    from test_sparse_ep import matmul_model
+
+    rng = np.random.default_rng(52)
+    model, feeds = matmul_model(rng, (batch, 3, 64), 20, 0.6, bias=True, relu=True)
+    check(model, feeds, ["MatMul", "Add", "Relu"], sess_options=no_fusion(), dense_fallback="always")
+
+
+@needs_ep
+def test_dense_fallback_only_for_x_times_w(tmp_path):
+    # W * x and Gemm's transA keep the sparse kernels even when asked for MLAS always
+    rng = np.random.default_rng(53)
+    model, feeds = left_matmul_model(rng, 30, (40, 6), 0.5)
+    assert compile_log(tmp_path, model, dense_fallback="always")["mm"]["mlas"] == ["none"]
+    check(model, feeds, ["MatMul"], dense_fallback="always")
+
+
+@needs_ep
+def test_dense_fallback_is_checked():
+    rng = np.random.default_rng(54)
+    assert "dense_fallback must be one of" in user_error(runtime.session, fc_matmul(rng, 0.5), dense_fallback="on")

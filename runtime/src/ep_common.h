@@ -28,6 +28,8 @@ constexpr const char* kEpVersion = "0.1.0";
 constexpr const char* kOptMinSparsity = "min_sparsity";  // claim a weight with >= this share of zeros
 constexpr const char* kOptFormat = "format";              // auto | csr | block1x4 | block4x1 | dense
 constexpr const char* kOptMaxFormats = "max_formats";     // 1..3 formats kept per layer, one per N regime
+constexpr const char* kOptDenseFallback = "dense_fallback";  // off | auto | always
+constexpr const char* kOptThreads = "intra_op_threads";   // the session's intra-op threads, for the fallback
 // Fallback for min_sparsity; the Python side passes the measured break-even explicitly.
 constexpr float kDefaultMinSparsity = 0.8f;  // = runtime.DEFAULT_MIN_SPARSITY
 
@@ -54,6 +56,10 @@ struct EpConfig {
   // Distinct formats a Gemm/MatMul weight may be held in, for products of 1, 2..8 and > 8
   // columns (ep_weight.h); 1 = only the declared batch's format (= runtime.DEFAULT_MAX_FORMATS).
   int max_formats = 1;
+  // ORT's MLAS (ep_fallback.h) for the column regimes where it beats the sparse format:
+  // 0 off, 1 auto (cost model), 2 always (every regime of every x * W layer; for tests).
+  int dense_fallback = 1;
+  int threads = 0;  // intra-op threads of the fallback's private session (0 = ORT's default)
   std::shared_ptr<WeightCountsCache> counts = std::make_shared<WeightCountsCache>();
 };
 

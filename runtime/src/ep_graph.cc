@@ -9,6 +9,7 @@
 #include <optional>
 #include <set>
 
+#include "ep_fallback.h"
 #include "ep_weight.h"
 
 namespace onnxslim_ep {
@@ -236,7 +237,7 @@ KernelWeight KernelWeightOf(const Ort::ConstNode& node, const Tensor& t) {
 // The cost model's format for each column regime (ep_weight.h buckets). The counts pass over the
 // whole weight (transposing a panel at a time when it is stored K x M), so GetCapability's
 // result is kept for Compile, keyed by initializer name and checked against its data pointer.
-std::array<Format, kBuckets> BucketFormats(const Ort::ConstValueInfo& weight, const KernelWeight& k,
+onnxslim_sparse::FormatCounts WeightCounts(const Ort::ConstValueInfo& weight, const KernelWeight& k,
                                            const EpConfig& config) {
   onnxslim_sparse::FormatCounts counts;
   bool cached = false;
@@ -256,6 +257,12 @@ std::array<Format, kBuckets> BucketFormats(const Ort::ConstValueInfo& weight, co
       config.counts->by_weight[key] = {k.view.data, counts};
     }
   }
+  return counts;
+}
+
+std::array<Format, kBuckets> BucketFormats(const Ort::ConstValueInfo& weight, const KernelWeight& k,
+                                           const EpConfig& config) {
+  const onnxslim_sparse::FormatCounts counts = WeightCounts(weight, k, config);
   std::array<Format, kBuckets> formats{};
   for (int b = 0; b < kBuckets; ++b) formats[b] = onnxslim_sparse::ChooseFormatFromCounts(counts, kBucketN[b]);
   return formats;
@@ -394,6 +401,17 @@ std::unique_ptr<SparseOp> BuildSparseOp(const Ort::ConstGraph& group, const Ort:
     op->w = SparseMatrix::FromDense(k.view.data, rows, cols, formats[declared]);
   else
     op->w = std::make_unique<LayerWeight>(k.view, formats, declared, config.max_formats);
+  // x * W (not W * x, not Gemm's transA): regimes where ORT's MLAS is expected to win run there.
+  if (type != "Conv" && !op->weight_left && !op->trans_a && config.dense_fallback > 0) {
+    const auto* layer = static_cast<const LayerWeight*>(op->w.get());
+    for (int b = 0; b < kBuckets; ++b)
+      op->fallback_for[b] = config.dense_fallback == 2 ||
+                            (config.format < 0 && MlasWins(WeightCounts(WeightValue(*main), k, config),
+                                                           layer->FormatFor(kBucketN[b]), b));
+    if (op->fallback_for[0] || op->fallback_for[1] || op->fallback_for[2])
+      op->fallback = std::make_shared<DenseFallback>(w->data, w->dims[0], w->dims[1], op->trans_b, op->bias,
+                                                     op->alpha, op->act == Activation::kRelu, config.threads);
+  }
 
   // Where the activation sits among the fused node's runtime inputs (constants are dropped).
   const std::string x_name = inputs[0].GetName();

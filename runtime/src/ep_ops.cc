@@ -7,6 +7,9 @@
 // W[OC x C*kh*kw] is already the NCHW output of that image; 1x1 / stride 1 / no pad skips it.
 #include "ep_ops.h"
 
+#include "ep_fallback.h"
+#include "ep_weight.h"
+
 #include <algorithm>
 #include <cstring>
 
@@ -137,6 +140,10 @@ void SparseOp::ComputeRows(Ort::KernelContext&, const float* a, int64_t rows, in
                            const ParallelFor& parallel) const {
   const float* b = bias.empty() ? nullptr : bias.data();
   const int64_t m = w->rows();
+  if (fallback && fallback_for[BucketOf(rows)]) {  // MLAS is expected to be faster for this width
+    fallback->Run(a, rows, k, y, m);
+    return;
+  }
   if (rows == 1) {  // a row vector is also a column vector: no copies
     w->Multiply(a, 1, 1, y, 1, alpha, b, act, parallel);
     return;

@@ -96,6 +96,22 @@ OrtStatus* ParseConfig(const OrtSessionOptions* options, EpConfig& config) {
                         ORT_INVALID_ARGUMENT);
     config.max_formats = max_formats[0] - '0';
   }
+  const std::string fallback = ConfigEntry(options, kOptDenseFallback);
+  if (fallback == "off") config.dense_fallback = 0;
+  else if (fallback.empty() || fallback == "auto") config.dense_fallback = 1;
+  else if (fallback == "always") config.dense_fallback = 2;
+  else
+    return MakeStatus(std::string(kEpName) + ": dense_fallback must be off, auto or always, got '" + fallback + "'",
+                      ORT_INVALID_ARGUMENT);
+  const std::string threads = ConfigEntry(options, kOptThreads);
+  if (!threads.empty()) {
+    char* end = nullptr;
+    const long v = std::strtol(threads.c_str(), &end, 10);
+    if (end == threads.c_str() || *end != '\0' || v < 0 || v > 4096)
+      return MakeStatus(std::string(kEpName) + ": intra_op_threads must be an integer >= 0, got '" + threads + "'",
+                        ORT_INVALID_ARGUMENT);
+    config.threads = static_cast<int>(v);
+  }
   const std::string format = ConfigEntry(options, kOptFormat);
   if (format.empty() || format == "auto") config.format = -1;
   else if (format == "csr") config.format = static_cast<int>(onnxslim_sparse::Format::kCSR);
@@ -173,7 +189,9 @@ struct SparseEp : OrtEp {
                                             FormatName(layer->FormatFor(8)) + ", n>8 " +
                                             FormatName(layer->FormatFor(64)) + "; " +
                                             std::to_string(layer->FormatCount()) + " held, " +
-                                            std::to_string(layer->bytes()) + " bytes");
+                                            std::to_string(layer->bytes()) + " bytes; MLAS for" +
+                                            (op->fallback_for[0] ? " n=1" : "") + (op->fallback_for[1] ? " n=2..8" : "") +
+                                            (op->fallback_for[2] ? " n>8" : "") + (op->fallback ? "" : " none"));
       infos[i] = new ComputeInfo(std::move(op));
     }
 #if defined(__GLIBC__)

@@ -97,6 +97,17 @@ Format ChooseFormatFromCounts(const FormatCounts& c, int64_t n_hint) {
   return best;
 }
 
+double FormatCost(const FormatCounts& c, Format format, int64_t n_hint) {
+  const int64_t n = std::max<int64_t>(1, n_hint);
+  switch (format) {
+    case Format::kCSR: return Cost(kCsr, c.nnz, n);
+    case Format::kBlock1x4: return Cost(kBlock1x4, c.blocks1x4, n);
+    case Format::kBlock4x1: return Cost(kBlock4x1, c.blocks4x1, n);
+    case Format::kDense: return Cost(kDenseCost, c.rows * c.cols, n);
+  }
+  return 0.0;
+}
+
 Format SparseMatrix::ChooseFormat(const float* w, int64_t rows, int64_t cols, int64_t n_hint) {
   return ChooseFormatFromCounts(CountFormatEntries(w, rows, cols), n_hint);
 }

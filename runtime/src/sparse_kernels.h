@@ -67,6 +67,9 @@ struct FormatCounts {
 FormatCounts CountFormatEntries(const float* w, int64_t rows, int64_t cols);
 // Same choice as SparseMatrix::ChooseFormat(w, rows, cols, n_hint) from the weight's counts.
 Format ChooseFormatFromCounts(const FormatCounts& counts, int64_t n_hint);
+// The cost model's expected time of a product with n columns in `format` (units: one CSR
+// nonzero at batch 1); ChooseFormatFromCounts picks the lowest.
+double FormatCost(const FormatCounts& counts, Format format, int64_t n);
 
 // "avx2+fma" or "portable": which code path Multiply uses on this CPU (chosen at run time).
 std::string KernelIsa();
