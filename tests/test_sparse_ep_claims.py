@@ -270,3 +270,17 @@ def test_dense_fallback_only_for_x_times_w(tmp_path):
 def test_dense_fallback_is_checked():
     rng = np.random.default_rng(54)
     assert "dense_fallback must be one of" in user_error(runtime.session, fc_matmul(rng, 0.5), dense_fallback="on")
+
+
+@needs_ep
+def test_layer_that_mlas_wins_at_its_declared_batch_stays_with_ort():
+    # a static batch of 32 at 50 % zeros: MLAS is expected to win, so the EP does not take it
+    # (with the fallback off it does, as before); at 90 % it does
+    from test_sparse_ep import gemm_model
+
+    rng = np.random.default_rng(55)
+    model, feeds = gemm_model(rng, 32, 256, 128, 0.5, c_shape=("n",))
+    check(model, feeds, [])
+    check(model, feeds, ["Gemm", "Relu"], dense_fallback="off")
+    model, feeds = gemm_model(rng, 32, 256, 128, 0.9, c_shape=("n",))
+    check(model, feeds, ["Gemm", "Relu"])

@@ -292,7 +292,14 @@ std::vector<std::vector<Ort::ConstNode>> FindClaims(const Ort::ConstGraph& graph
       // When the kernels' own cost model would run this layer densely, ORT's MLAS does that
       // better: leave it to the CPU EP.
       const KernelWeight k = KernelWeightOf(node, *w);
-      if (BucketFormats(WeightValue(node), k, config)[BucketOf(k.n_hint)] == Format::kDense) continue;
+      const int declared = BucketOf(k.n_hint);
+      const Format format = BucketFormats(WeightValue(node), k, config)[declared];
+      if (format == Format::kDense) continue;
+      // Same for a Gemm/MatMul that ORT's MLAS is expected to run faster at its declared width
+      // (the dense_fallback rule): claiming it would only route it back to MLAS.
+      if (op != "Conv" && config.dense_fallback == 1 &&
+          MlasWins(WeightCounts(WeightValue(node), k, config), format, declared))
+        continue;
     }
     std::vector<Ort::ConstNode> group{node};
     Ort::ConstValueInfo tail = node.GetOutputs()[0];
