@@ -52,15 +52,27 @@ class SparseOptions:
                                "that makes them smaller (int64 indices: fewer than 1/3 nonzeros)")
 
 
+def weight_input(node: gs.Node) -> int:
+    """Which input holds the weight: 1 (x * W; Conv), or 0 for a Gemm/MatMul whose constant is
+    on the left (W * x, ep_graph.cc WeightInput)."""
+    if node.op in ("Gemm", "MatMul") and len(node.inputs) >= 2 and isinstance(node.inputs[0], gs.Constant) \
+            and not isinstance(node.inputs[1], gs.Constant):
+        return 0
+    return 1
+
+
 def claim_problem(node: gs.Node) -> "str | None":
     """Why the sparse EP would not take ``node`` whatever its sparsity (mirror of ep_graph.cc)."""
     if node.domain not in ("", "ai.onnx", None):
         return "not an ONNX-domain op"
-    if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+    left = weight_input(node) == 0
+    if left:
+        pass  # W * x: input 0 is the constant weight, input 1 the activation
+    elif len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
         return "weight (input 1) is not a constant"
-    if isinstance(node.inputs[0], gs.Constant):
+    elif isinstance(node.inputs[0], gs.Constant):
         return "activation (input 0) is a constant"
-    w = node.inputs[1]
+    w = node.inputs[0 if left else 1]
     if np.dtype(w.dtype) != np.float32:
         return f"weight is {np.dtype(w.dtype)}, not float32"
     rank = len(w.shape)
@@ -68,13 +80,18 @@ def claim_problem(node: gs.Node) -> "str | None":
         return f"weight is {rank}-D, not 2-D"
     if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
         c = node.inputs[2]
-        features = w.shape[0] if int(node.attrs.get("transB", 0)) else w.shape[1]
         if not isinstance(c, gs.Constant):
             return "bias C is not a constant"
         dims = list(c.shape)
         size = int(np.prod(dims)) if dims else 1
-        if len(dims) > 2 or size not in (1, features) or any(d != 1 for d in dims[:-1]):
-            return f"bias C of shape {dims} is not per output feature"
+        if left:  # Y = A' B': C must be constant along each output row, [M, 1] or one value
+            rows = w.shape[1] if int(node.attrs.get("transA", 0)) else w.shape[0]
+            if len(dims) > 2 or not (size == 1 or (len(dims) == 2 and dims == [rows, 1])):
+                return f"bias C of shape {dims} is not per output row"
+        else:
+            features = w.shape[0] if int(node.attrs.get("transB", 0)) else w.shape[1]
+            if len(dims) > 2 or size not in (1, features) or any(d != 1 for d in dims[:-1]):
+                return f"bias C of shape {dims} is not per output feature"
     if node.op == "Conv":
         if rank not in (3, 4):
             return f"{rank - 2}-D convolution"
@@ -106,7 +123,7 @@ class SparsePass(Pass):
             if problem:
                 result.skip(node.name, problem)
                 continue
-            w = node.inputs[1]
+            w = node.inputs[weight_input(node)]
             values = np.asarray(w.values)
             sparsity = float(1.0 - np.count_nonzero(values) / values.size) if values.size else 0.0
             if sparsity < o.min_sparsity:

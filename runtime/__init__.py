@@ -31,8 +31,15 @@ from .loader import (
 # FC-heavy models run at batch 1 gain from min_sparsity=0.6 (docs/sparse_runtime.md).
 DEFAULT_MIN_SPARSITY = 0.8
 FORMATS = ("auto", "csr", "block1x4", "block4x1", "dense")
+DENSE_FALLBACKS = ("auto", "off", "always")
+# Gemm/MatMul weights may be held in up to this many formats, one per product width regime
+# (1, 2..8, > 8 columns; docs/sparse_runtime.md "Options"). 1 by default: on random sparsity the
+# picks differ only at 2..8 columns and 50-60 % zeros (4x1 strips instead of CSR), and measured
+# through ORT (bench/results_sparse_formats.json) that second copy was faster on fc6 but slower
+# on fc7 and the ddddocr Gemm, so it does not earn its memory by default.
+DEFAULT_MAX_FORMATS = 1
 
-__all__ = ["EP_NAME", "DEFAULT_MIN_SPARSITY", "FORMATS", "SparseRuntimeUnavailable", "available",
+__all__ = ["EP_NAME", "DEFAULT_MIN_SPARSITY", "DEFAULT_MAX_FORMATS", "FORMATS", "DENSE_FALLBACKS", "SparseRuntimeUnavailable", "available",
            "unavailable_reason", "library_path", "session", "claimed_nodes"]
 
 
@@ -64,14 +71,21 @@ def _model_input(model):
 
 
 def session(model, providers: "list[str] | None" = None, min_sparsity: "float | None" = None,
-            sess_options=None, format: str = "auto"):
+            sess_options=None, format: str = "auto", max_formats: int = DEFAULT_MAX_FORMATS,
+            dense_fallback: str = "auto"):
     """An ``onnxruntime.InferenceSession`` with the sparse EP ahead of ``providers``.
 
     ``providers`` are execution-provider names that take the nodes the sparse EP leaves
     (default ``["CPUExecutionProvider"]``; each must be offered by ``ort.get_ep_devices()``).
     ``min_sparsity``: claim a Gemm/MatMul/Conv whose weight has at least this share of zeros
     (default DEFAULT_MIN_SPARSITY). ``format``: kernel storage, "auto" lets the kernels choose
-    per layer. ``sess_options`` is copied into, never modified.
+    per layer. ``max_formats`` (1-3): with format "auto", how many formats a Gemm/MatMul weight
+    may be held in so that products of 1, 2..8 and > 8 columns each run the cost model's pick
+    (each extra format is another copy of the weight in that format; 1 = only the declared
+    batch's). ``dense_fallback``: "auto" runs an x * W layer through ORT's own dense kernel (a
+    private one-node session holding a dense copy of the weight) for the batch sizes where the
+    cost model expects that to be faster than the layer's sparse format, "off" never, "always"
+    for every batch size (tests). ``sess_options`` is copied into, never modified.
     """
     ort = check_onnxruntime()
     try:
@@ -82,6 +96,11 @@ def session(model, providers: "list[str] | None" = None, min_sparsity: "float | 
         raise UserError(f"providers must be a list of execution-provider names, got the string {providers!r}")
     if not 0.0 <= min_sparsity <= 1.0:
         raise SparseRuntimeUnavailable(f"min_sparsity must be in [0, 1], got {min_sparsity}")
+    if isinstance(max_formats, bool) or max_formats not in (1, 2, 3):
+        raise SparseRuntimeUnavailable(f"max_formats must be 1, 2 or 3, got {max_formats!r}")
+    if dense_fallback not in DENSE_FALLBACKS:
+        raise SparseRuntimeUnavailable(f"dense_fallback must be one of {', '.join(DENSE_FALLBACKS)}, "
+                                       f"got {dense_fallback!r}")
     if format not in FORMATS:
         raise SparseRuntimeUnavailable(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     ours = ensure_registered()
@@ -92,7 +111,10 @@ def session(model, providers: "list[str] | None" = None, min_sparsity: "float | 
                       "optimized_model_filepath", "enable_profiling", "profile_file_prefix"):
             setattr(options, field, getattr(sess_options, field))
     options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
-    options.add_provider_for_devices(ours[:1], {"min_sparsity": repr(min_sparsity), "format": format})
+    options.add_provider_for_devices(ours[:1], {"min_sparsity": repr(min_sparsity), "format": format,
+                                                "max_formats": str(int(max_formats)),
+                                                "dense_fallback": dense_fallback,
+                                                "intra_op_threads": str(max(0, options.intra_op_num_threads))})
     devices = ort.get_ep_devices()
     for name in providers or ["CPUExecutionProvider"]:
         found = [d for d in devices if d.ep_name == name]

@@ -126,3 +126,34 @@ def test_cli_bench_model_onnxruntime_cannot_run(tmp_path, capsys):
     assert cli.main(["bench", str(path), "--repeats", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("onnxslim: error: onnxruntime cannot run") and len(err.strip().splitlines()) == 1
+
+
+def test_sparse_pass_takes_a_constant_left_operand_like_the_ep():
+    # W @ x and Gemm(A constant, x): the EP claims them (tests/test_sparse_ep_claims.py), so the
+    # pass reports and stores them; a Gemm C per output column is left, as the EP leaves it.
+    rng = np.random.default_rng(5)
+
+    def sparse(shape):
+        w = rng.standard_normal(shape).astype(np.float32)
+        w.reshape(-1)[rng.permutation(w.size)[: int(0.9 * w.size)]] = 0.0
+        return w
+
+    nodes = [h.make_node("MatMul", ["Wm", "x"], ["m"], name="left_mm"),
+             h.make_node("Gemm", ["Wa", "m", "Crow"], ["g"], name="left_gemm"),
+             h.make_node("Gemm", ["Wb", "g", "Ccol"], ["y"], name="per_column_c")]
+    inits = [init("Wm", sparse((48, 64))), init("Wa", sparse((40, 48))), init("Crow", rng.standard_normal((40, 1))),
+             init("Wb", sparse((24, 40))), init("Ccol", rng.standard_normal((1, 6)))]
+    model = make_model(nodes, [vi("x", [64, 6])], [vi("y", [24, 6])], inits)
+    out, report = onnxslim_cnn.compress(model, passes=["sparse"], fidelity=False)
+    result = report.passes[0]
+    stats = result["stats"] if isinstance(result, dict) else result.stats
+    assert [e["node"] for e in stats["expected"]] == ["left_mm", "left_gemm"]
+    skipped = result["skipped"] if isinstance(result, dict) else result.skipped
+    assert any("per_column_c" in str(s) and "not per output row" in str(s) for s in skipped)
+    stored = sorted(n.output[0] for n in out.graph.node if n.op_type == "Constant")
+    assert stored == ["Wa", "Wm"]
+    x = {"x": rng.standard_normal((64, 6)).astype(np.float32)}
+    np.testing.assert_array_equal(run(out, x)[0], run(model, x)[0])
+    if REASON is None:  # and the EP takes exactly those two from the stored file
+        sess = runtime.session(out, min_sparsity=0.8)
+        assert sorted(n["name"] for n in runtime.claimed_nodes(sess)) == ["left_gemm", "left_mm"]

@@ -5,8 +5,12 @@
 #include "ep_graph.h"
 
 #include <algorithm>
+#include <mutex>
 #include <optional>
 #include <set>
+
+#include "ep_fallback.h"
+#include "ep_weight.h"
 
 namespace onnxslim_ep {
 
@@ -111,23 +115,51 @@ bool PerFeatureBias(const Tensor& bias, int64_t features, size_t max_rank) {
   return bias.dims.empty() || bias.dims.back() == bias.size;
 }
 
+// A bias added to the output of a constant-on-the-left product W[M x K] * X[.., K x N] that is
+// constant along N (per row of W): a single value, or [M, 1] with leading 1s up to out_rank
+// (a 1-D X gives a 1-D output [M], where [M] itself is per row).
+bool PerRowBias(const Tensor& bias, int64_t rows, size_t out_rank) {
+  if (bias.dims.size() > out_rank) return false;
+  if (bias.size == 1) return true;
+  if (bias.size != rows) return false;
+  if (out_rank == 1) return bias.dims.size() == 1;
+  const size_t r = bias.dims.size();
+  if (r < 2 || bias.dims[r - 1] != 1 || bias.dims[r - 2] != rows) return false;
+  for (size_t i = 0; i + 2 < r; ++i)
+    if (bias.dims[i] != 1) return false;
+  return true;
+}
+
+// Which input of a Gemm/MatMul is the constant weight: 1 (the usual x * W), 0 (W * x, the
+// kernels' own orientation) or -1 when neither or both are constant initializers.
+int WeightInput(const std::vector<Ort::ConstValueInfo>& inputs) {
+  const bool a_const = inputs[0].IsConstantInitializer(), b_const = inputs[1].IsConstantInitializer();
+  if (a_const == b_const) return -1;
+  return b_const ? 1 : 0;
+}
+
 // The weight of a claimable op (already checked for sparsity), or nullopt with the node left alone.
 std::optional<Tensor> ClaimableWeight(const Ort::ConstNode& node, const std::string& op, const EpConfig& config) {
   auto inputs = Inputs(node);
   auto outputs = node.GetOutputs();
   if (inputs.size() < 2 || outputs.size() != 1 || inputs[0] == nullptr || inputs[1] == nullptr) return std::nullopt;
-  if (!IsFloat(inputs[0]) || !IsFloat(outputs[0]) || inputs[0].IsConstantInitializer()) return std::nullopt;
-  auto w = ConstantFloat(inputs[1]);
+  const int wi = op == "Conv" ? (inputs[0].IsConstantInitializer() ? -1 : 1) : WeightInput(inputs);
+  if (wi < 0 || !IsFloat(inputs[1 - wi]) || !IsFloat(outputs[0])) return std::nullopt;
+  auto w = ConstantFloat(inputs[wi]);
   if (!w) return std::nullopt;
   if (op == "Gemm") {
     if (w->dims.size() != 2) return std::nullopt;
     if (inputs.size() > 2 && inputs[2] != nullptr) {
       auto c = ConstantFloat(inputs[2]);
-      if (!c || !PerFeatureBias(*c, GemmOutFeatures(node, *w), 2)) return std::nullopt;
+      if (!c) return std::nullopt;
+      if (wi == 1 && !PerFeatureBias(*c, GemmOutFeatures(node, *w), 2)) return std::nullopt;
+      // Constant A: Y is M x N with M = A's rows (after transA); C must be constant per row.
+      const int64_t m = ScalarAttr<int64_t>(node, "transA", 0) ? w->dims[1] : w->dims[0];
+      if (wi == 0 && !PerRowBias(*c, m, 2)) return std::nullopt;
     }
   } else if (op == "MatMul") {
     if (w->dims.size() != 2) return std::nullopt;
-    auto a = TensorInfo(inputs[0]);
+    auto a = TensorInfo(inputs[1 - wi]);
     if (!a || a->second.empty()) return std::nullopt;  // rank must be known
   } else {  // Conv
     if (w->dims.size() != 3 && w->dims.size() != 4) return std::nullopt;
@@ -160,43 +192,86 @@ int64_t KnownProduct(const std::vector<int64_t>& dims, size_t begin, size_t end)
   return n;
 }
 
-// The weight as the kernels see it (out_features x in_features, row-major) and the number of
-// columns the products will have: the batch rows of Gemm/MatMul (1 when dynamic), the output
+// The weight as the kernels see it (out_features x in_features), read in place from ORT's
+// initializer (ep_weight.h), and the number of columns the products will have: the batch rows
+// of Gemm/MatMul (1 when dynamic), X's last axis for a constant left operand, the output
 // pixels of a Conv.
 struct KernelWeight {
-  std::vector<float> w;
-  int64_t rows = 0, cols = 0, n_hint = 1;
+  WeightView view;
+  int64_t n_hint = 1;
 };
 
 KernelWeight KernelWeightOf(const Ort::ConstNode& node, const Tensor& t) {
   KernelWeight k;
   const std::string op = node.GetOperatorType();
-  auto x_info = TensorInfo(Inputs(node)[0]);
+  auto inputs = Inputs(node);
+  const bool left = op != "Conv" && WeightInput(inputs) == 0;
+  auto x_info = TensorInfo(inputs[left ? 1 : 0]);
   const std::vector<int64_t> x_shape = x_info ? x_info->second : std::vector<int64_t>{};
-  auto transposed = [](const Tensor& a) {  // K x M -> M x K
-    const int64_t kk = a.dims[0], m = a.dims[1];
-    std::vector<float> out(static_cast<size_t>(kk * m));
-    for (int64_t r = 0; r < kk; ++r)
-      for (int64_t c = 0; c < m; ++c) out[c * kk + r] = a.data[r * m + c];
-    return out;
-  };
+  k.view.data = t.data;
   if (op == "Conv") {
-    k.rows = t.dims[0];
-    k.cols = t.size / k.rows;
-    k.w.assign(t.data, t.data + t.size);
+    k.view.rows = t.dims[0];
+    k.view.cols = t.size / k.view.rows;
     auto y_info = TensorInfo(node.GetOutputs()[0]);
     k.n_hint = y_info && y_info->second.size() == t.dims.size() ? KnownProduct(y_info->second, 2, t.dims.size()) : 256;
     return k;
   }
+  if (left) {  // W = A (transA: A is K x M) times X = B / B^T / x[b]
+    const bool trans_a = op == "Gemm" && ScalarAttr<int64_t>(node, "transA", 0) != 0;
+    k.view = WeightView{t.data, trans_a ? t.dims[1] : t.dims[0], trans_a ? t.dims[0] : t.dims[1], trans_a};
+    int64_t n = 1;
+    if (op == "Gemm" && x_shape.size() == 2) n = ScalarAttr<int64_t>(node, "transB", 0) ? x_shape[0] : x_shape[1];
+    if (op == "MatMul" && x_shape.size() >= 2) n = x_shape.back();
+    k.n_hint = std::max<int64_t>(1, n);
+    return k;
+  }
   const bool trans_b = op == "Gemm" && ScalarAttr<int64_t>(node, "transB", 0) != 0;
-  k.rows = trans_b ? t.dims[0] : t.dims[1];
-  k.cols = trans_b ? t.dims[1] : t.dims[0];
-  k.w = trans_b ? std::vector<float>(t.data, t.data + t.size) : transposed(t);
+  k.view = WeightView{t.data, trans_b ? t.dims[0] : t.dims[1], trans_b ? t.dims[1] : t.dims[0], !trans_b};
   if (op == "Gemm")
     k.n_hint = x_shape.size() == 2 ? std::max<int64_t>(1, ScalarAttr<int64_t>(node, "transA", 0) ? x_shape[1] : x_shape[0]) : 1;
   else
     k.n_hint = x_shape.empty() ? 1 : KnownProduct(x_shape, 0, x_shape.size() - 1);
   return k;
+}
+
+// The cost model's format for each column regime (ep_weight.h buckets). The counts pass over the
+// whole weight (transposing a panel at a time when it is stored K x M), so GetCapability's
+// result is kept for Compile, keyed by initializer name and checked against its data pointer.
+onnxslim_sparse::FormatCounts WeightCounts(const Ort::ConstValueInfo& weight, const KernelWeight& k,
+                                           const EpConfig& config) {
+  onnxslim_sparse::FormatCounts counts;
+  bool cached = false;
+  const std::string key = weight.GetName();
+  if (config.counts) {
+    std::lock_guard<std::mutex> lock(config.counts->mutex);
+    auto it = config.counts->by_weight.find(key);
+    if (it != config.counts->by_weight.end() && it->second.first == k.view.data) {
+      counts = it->second.second;
+      cached = true;
+    }
+  }
+  if (!cached) {
+    counts = CountWeight(k.view);
+    if (config.counts) {
+      std::lock_guard<std::mutex> lock(config.counts->mutex);
+      config.counts->by_weight[key] = {k.view.data, counts};
+    }
+  }
+  return counts;
+}
+
+std::array<Format, kBuckets> BucketFormats(const Ort::ConstValueInfo& weight, const KernelWeight& k,
+                                           const EpConfig& config) {
+  const onnxslim_sparse::FormatCounts counts = WeightCounts(weight, k, config);
+  std::array<Format, kBuckets> formats{};
+  for (int b = 0; b < kBuckets; ++b) formats[b] = onnxslim_sparse::ChooseFormatFromCounts(counts, kBucketN[b]);
+  return formats;
+}
+
+// The weight's value info on a Gemm/MatMul/Conv node.
+Ort::ConstValueInfo WeightValue(const Ort::ConstNode& node) {
+  auto inputs = Inputs(node);
+  return inputs[node.GetOperatorType() != "Conv" && WeightInput(inputs) == 0 ? 0 : 1];
 }
 
 }  // namespace
@@ -217,7 +292,14 @@ std::vector<std::vector<Ort::ConstNode>> FindClaims(const Ort::ConstGraph& graph
       // When the kernels' own cost model would run this layer densely, ORT's MLAS does that
       // better: leave it to the CPU EP.
       const KernelWeight k = KernelWeightOf(node, *w);
-      if (SparseMatrix::ChooseFormat(k.w.data(), k.rows, k.cols, k.n_hint) == Format::kDense) continue;
+      const int declared = BucketOf(k.n_hint);
+      const Format format = BucketFormats(WeightValue(node), k, config)[declared];
+      if (format == Format::kDense) continue;
+      // Same for a Gemm/MatMul that ORT's MLAS is expected to run faster at its declared width
+      // (the dense_fallback rule): claiming it would only route it back to MLAS.
+      if (op != "Conv" && config.dense_fallback == 1 &&
+          MlasWins(WeightCounts(WeightValue(node), k, config), format, declared))
+        continue;
     }
     std::vector<Ort::ConstNode> group{node};
     Ort::ConstValueInfo tail = node.GetOutputs()[0];
@@ -228,8 +310,12 @@ std::vector<std::vector<Ort::ConstNode>> FindClaims(const Ort::ConstGraph& graph
         if (add_inputs.size() == 2 && add_inputs[0] != nullptr && add_inputs[1] != nullptr) {
           const size_t other = add_inputs[0].GetName() == tail.GetName() ? 1 : 0;
           auto bias = ConstantFloat(add_inputs[other]);
-          auto a = TensorInfo(Inputs(node)[0]);
-          if (bias && a && PerFeatureBias(*bias, w->dims[1], a->second.size()) && IsFloat(next->GetOutputs()[0])) {
+          const bool left = WeightInput(Inputs(node)) == 0;
+          auto a = TensorInfo(Inputs(node)[left ? 1 : 0]);
+          const bool per_output = bias && a &&
+                                  (left ? PerRowBias(*bias, w->dims[0], a->second.size())
+                                        : PerFeatureBias(*bias, w->dims[1], a->second.size()));
+          if (per_output && IsFloat(next->GetOutputs()[0])) {
             group.push_back(*next);
             tail = next->GetOutputs()[0];
           }
@@ -260,19 +346,24 @@ std::unique_ptr<SparseOp> BuildSparseOp(const Ort::ConstGraph& group, const Ort:
   const std::string type = main->GetOperatorType();
   op->name = main->GetName();
   auto inputs = Inputs(*main);
-  auto w = ConstantFloat(inputs[1]);
+  const int wi = type == "Conv" ? 1 : WeightInput(inputs);
+  auto w = wi < 0 ? std::nullopt : ConstantFloat(inputs[wi]);
   if (!w) throw Ort::Exception(op->name + ": weight is not a constant float tensor", ORT_EP_FAIL);
+  op->weight_left = wi == 0;
+  if (op->weight_left) std::swap(inputs[0], inputs[1]);  // inputs[0]: the activation from here on
 
   KernelWeight k = KernelWeightOf(*main, *w);
+  const int64_t rows = k.view.rows, cols = k.view.cols;
   if (type == "Gemm") {
     op->kind = OpKind::kGemm;
     op->alpha = ScalarAttr<float>(*main, "alpha", 1.0f);
     const float beta = ScalarAttr<float>(*main, "beta", 1.0f);
     op->trans_a = ScalarAttr<int64_t>(*main, "transA", 0) != 0;
+    op->trans_b = ScalarAttr<int64_t>(*main, "transB", 0) != 0;
     if (inputs.size() > 2 && inputs[2] != nullptr && beta != 0.0f) {  // ORT skips C when beta == 0
       auto c = ConstantFloat(inputs[2]);
-      op->bias.assign(static_cast<size_t>(k.rows), 0.0f);
-      for (int64_t i = 0; i < k.rows; ++i) op->bias[i] = beta * c->data[c->size == 1 ? 0 : i];
+      op->bias.assign(static_cast<size_t>(rows), 0.0f);
+      for (int64_t i = 0; i < rows; ++i) op->bias[i] = beta * c->data[c->size == 1 ? 0 : i];
     }
   } else if (type == "MatMul") {
     op->kind = OpKind::kMatMul;
@@ -280,8 +371,8 @@ std::unique_ptr<SparseOp> BuildSparseOp(const Ort::ConstGraph& group, const Ort:
       auto add_inputs = Inputs(*add);
       const std::string produced = main->GetOutputs()[0].GetName();
       auto bias = ConstantFloat(add_inputs[add_inputs[0].GetName() == produced ? 1 : 0]);
-      op->bias.assign(static_cast<size_t>(k.rows), 0.0f);
-      for (int64_t i = 0; i < k.rows; ++i) op->bias[i] = bias->data[bias->size == 1 ? 0 : i];
+      op->bias.assign(static_cast<size_t>(rows), 0.0f);
+      for (int64_t i = 0; i < rows; ++i) op->bias[i] = bias->data[bias->size == 1 ? 0 : i];
     }
   } else {
     op->kind = OpKind::kConv;
@@ -305,12 +396,29 @@ std::unique_ptr<SparseOp> BuildSparseOp(const Ort::ConstGraph& group, const Ort:
       op->bias.assign(b->data, b->data + b->size);
     }
   }
-  Format format = config.format >= 0 ? static_cast<Format>(config.format)
-                                     : SparseMatrix::ChooseFormat(k.w.data(), k.rows, k.cols, k.n_hint);
+  std::array<Format, kBuckets> formats{};
+  if (config.format >= 0) formats.fill(static_cast<Format>(config.format));
+  else formats = BucketFormats(WeightValue(*main), k, config);
   // A forced 1x4 format cannot hold fewer than 4 input features: such a layer runs as CSR
   // rather than failing the whole session.
-  if (format == Format::kBlock1x4 && k.cols < 4) format = Format::kCSR;
-  op->w = SparseMatrix::FromDense(k.w.data(), k.rows, k.cols, format);
+  for (Format& f : formats)
+    if (f == Format::kBlock1x4 && cols < 4) f = Format::kCSR;
+  const int declared = BucketOf(k.n_hint);
+  if (type == "Conv")  // stored OC x C*kh*kw already: built in place, one format (its N is fixed)
+    op->w = SparseMatrix::FromDense(k.view.data, rows, cols, formats[declared]);
+  else
+    op->w = std::make_unique<LayerWeight>(k.view, formats, declared, config.max_formats);
+  // x * W (not W * x, not Gemm's transA): regimes where ORT's MLAS is expected to win run there.
+  if (type != "Conv" && !op->weight_left && !op->trans_a && config.dense_fallback > 0) {
+    const auto* layer = static_cast<const LayerWeight*>(op->w.get());
+    for (int b = 0; b < kBuckets; ++b)
+      op->fallback_for[b] = config.dense_fallback == 2 ||
+                            (config.format < 0 && MlasWins(WeightCounts(WeightValue(*main), k, config),
+                                                           layer->FormatFor(kBucketN[b]), b));
+    if (op->fallback_for[0] || op->fallback_for[1] || op->fallback_for[2])
+      op->fallback = std::make_shared<DenseFallback>(w->data, w->dims[0], w->dims[1], op->trans_b, op->bias,
+                                                     op->alpha, op->act == Activation::kRelu, config.threads);
+  }
 
   // Where the activation sits among the fused node's runtime inputs (constants are dropped).
   const std::string x_name = inputs[0].GetName();

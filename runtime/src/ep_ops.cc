@@ -7,6 +7,9 @@
 // W[OC x C*kh*kw] is already the NCHW output of that image; 1x1 / stride 1 / no pad skips it.
 #include "ep_ops.h"
 
+#include "ep_fallback.h"
+#include "ep_weight.h"
+
 #include <algorithm>
 #include <cstring>
 
@@ -98,6 +101,10 @@ void SparseOp::Compute(Ort::KernelContext& ctx) const {
     ComputeConv(ctx, x, shape);
     return;
   }
+  if (weight_left) {
+    ComputeLeft(ctx, x, shape, parallel);
+    return;
+  }
   if (kind == OpKind::kGemm) {
     if (shape.size() != 2) Fail(name + ": Gemm input A must be 2-D");
     const int64_t a_k = trans_a ? shape[0] : shape[1], rows = trans_a ? shape[1] : shape[0];
@@ -133,6 +140,10 @@ void SparseOp::ComputeRows(Ort::KernelContext&, const float* a, int64_t rows, in
                            const ParallelFor& parallel) const {
   const float* b = bias.empty() ? nullptr : bias.data();
   const int64_t m = w->rows();
+  if (fallback && fallback_for[BucketOf(rows)]) {  // MLAS is expected to be faster for this width
+    fallback->Run(a, rows, k, y, m);
+    return;
+  }
   if (rows == 1) {  // a row vector is also a column vector: no copies
     w->Multiply(a, 1, 1, y, 1, alpha, b, act, parallel);
     return;
@@ -142,6 +153,47 @@ void SparseOp::ComputeRows(Ort::KernelContext&, const float* a, int64_t rows, in
   auto yt = Scratch(m * rows);
   w->Multiply(xt.get(), rows, rows, yt.get(), rows, alpha, b, act, parallel);
   Transpose(yt.get(), m, rows, y, parallel);
+}
+
+// W * x with the constant on the left is the kernels' own orientation: X and Y are the tensors
+// themselves (Gemm with transB excepted, whose B^T is the one copy), one product per matrix of a
+// batched MatMul.
+void SparseOp::ComputeLeft(Ort::KernelContext& ctx, const float* x, const std::vector<int64_t>& shape,
+                           const ParallelFor& parallel) const {
+  const int64_t m = w->rows(), k = w->cols();
+  const float* b = bias.empty() ? nullptr : bias.data();
+  if (kind == OpKind::kGemm) {
+    if (shape.size() != 2) Fail(name + ": Gemm input B must be 2-D");
+    const int64_t b_k = trans_b ? shape[1] : shape[0], n = trans_b ? shape[0] : shape[1];
+    if (b_k != k) Fail(name + ": Gemm inner dimension " + std::to_string(b_k) + " != weight's " + std::to_string(k));
+    float* y = ctx.GetOutput(0, std::vector<int64_t>{m, n}).GetTensorMutableData<float>();
+    if (n == 0 || m == 0) return;
+    if (!trans_b || n == 1) {  // B is X[K x N] (a single column reads the same transposed)
+      w->Multiply(x, n, n, y, n, alpha, b, act, parallel);
+      return;
+    }
+    auto xt = Scratch(k * n);
+    Transpose(x, n, k, xt.get(), parallel);
+    w->Multiply(xt.get(), n, n, y, n, alpha, b, act, parallel);
+    return;
+  }
+  // MatMul(W, x): x[..., K, N] -> y[..., M, N]; a 1-D x is one column and drops that axis.
+  if (shape.empty()) Fail(name + ": MatMul input must have a rank >= 1");
+  if (shape.size() == 1) {
+    if (shape[0] != k) Fail(name + ": MatMul inner dimension does not match the weight");
+    float* y = ctx.GetOutput(0, std::vector<int64_t>{m}).GetTensorMutableData<float>();
+    if (m > 0) w->Multiply(x, 1, 1, y, 1, alpha, b, act, parallel);
+    return;
+  }
+  if (shape[shape.size() - 2] != k) Fail(name + ": MatMul inner dimension does not match the weight");
+  const int64_t n = shape.back();
+  std::vector<int64_t> out_shape(shape);
+  out_shape[shape.size() - 2] = m;
+  int64_t matrices = 1;
+  for (size_t i = 0; i + 2 < shape.size(); ++i) matrices *= shape[i];
+  float* y = ctx.GetOutput(0, out_shape).GetTensorMutableData<float>();
+  if (matrices == 0 || n == 0 || m == 0) return;
+  for (int64_t i = 0; i < matrices; ++i) w->Multiply(x + i * k * n, n, n, y + i * m * n, n, alpha, b, act, parallel);
 }
 
 void SparseOp::ComputeConv(Ort::KernelContext& ctx, const float* x, const std::vector<int64_t>& shape) const {

@@ -7,12 +7,16 @@
 #include <string>
 #include <vector>
 
+#include <array>
+
 #include "ep_common.h"
 #include "sparse_kernels.h"
 
 namespace onnxslim_ep {
 
 enum class OpKind { kGemm, kMatMul, kConv };
+
+class DenseFallback;  // ep_fallback.h
 
 // Conv attributes in ONNX terms, 1-D convs stored as 2-D with a height of 1.
 struct ConvAttrs {
@@ -32,6 +36,10 @@ struct SparseOp {
   std::vector<float> bias;                            // M values, or empty
   float alpha = 1.0f;
   bool trans_a = false;                               // Gemm only: A is stored K x batch
+  bool trans_b = false;                               // Gemm with a constant A only: B is stored N x K
+  bool weight_left = false;                           // W * x: the constant is Gemm's A / MatMul's first input
+  std::shared_ptr<const DenseFallback> fallback;      // ORT's MLAS for x * W, or null
+  std::array<bool, 3> fallback_for{};                 // per column regime (ep_weight.h BucketOf): run MLAS
   onnxslim_sparse::Activation act = onnxslim_sparse::Activation::kNone;
   ConvAttrs conv;
   size_t x_input = 0;                                 // index of the activation among the fused node's inputs
@@ -41,6 +49,8 @@ struct SparseOp {
 
  private:
   void ComputeRows(Ort::KernelContext& ctx, const float* a, int64_t rows, int64_t k, float* y,
+                   const onnxslim_sparse::ParallelFor& parallel) const;
+  void ComputeLeft(Ort::KernelContext& ctx, const float* x, const std::vector<int64_t>& shape,
                    const onnxslim_sparse::ParallelFor& parallel) const;
   void ComputeConv(Ort::KernelContext& ctx, const float* x, const std::vector<int64_t>& x_shape) const;
 };

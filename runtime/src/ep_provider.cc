@@ -3,6 +3,9 @@
 // factory answers "none" to allocator / data-transfer / stream requests.
 #include <cstdlib>
 #include <cstring>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #include <memory>
 #include <string>
 #include <vector>
@@ -10,6 +13,7 @@
 #include "ep_common.h"
 #include "ep_graph.h"
 #include "ep_ops.h"
+#include "ep_weight.h"
 
 #if defined(_WIN32)
 #define ONNXSLIM_EXPORT extern "C" __declspec(dllexport)
@@ -85,6 +89,29 @@ OrtStatus* ParseConfig(const OrtSessionOptions* options, EpConfig& config) {
                         ORT_INVALID_ARGUMENT);
     config.min_sparsity = static_cast<float>(v);
   }
+  const std::string max_formats = ConfigEntry(options, kOptMaxFormats);
+  if (!max_formats.empty()) {
+    if (max_formats != "1" && max_formats != "2" && max_formats != "3")
+      return MakeStatus(std::string(kEpName) + ": max_formats must be 1, 2 or 3, got '" + max_formats + "'",
+                        ORT_INVALID_ARGUMENT);
+    config.max_formats = max_formats[0] - '0';
+  }
+  const std::string fallback = ConfigEntry(options, kOptDenseFallback);
+  if (fallback == "off") config.dense_fallback = 0;
+  else if (fallback.empty() || fallback == "auto") config.dense_fallback = 1;
+  else if (fallback == "always") config.dense_fallback = 2;
+  else
+    return MakeStatus(std::string(kEpName) + ": dense_fallback must be off, auto or always, got '" + fallback + "'",
+                      ORT_INVALID_ARGUMENT);
+  const std::string threads = ConfigEntry(options, kOptThreads);
+  if (!threads.empty()) {
+    char* end = nullptr;
+    const long v = std::strtol(threads.c_str(), &end, 10);
+    if (end == threads.c_str() || *end != '\0' || v < 0 || v > 4096)
+      return MakeStatus(std::string(kEpName) + ": intra_op_threads must be an integer >= 0, got '" + threads + "'",
+                        ORT_INVALID_ARGUMENT);
+    config.threads = static_cast<int>(v);
+  }
   const std::string format = ConfigEntry(options, kOptFormat);
   if (format.empty() || format == "auto") config.format = -1;
   else if (format == "csr") config.format = static_cast<int>(onnxslim_sparse::Format::kCSR);
@@ -96,6 +123,16 @@ OrtStatus* ParseConfig(const OrtSessionOptions* options, EpConfig& config) {
                           format + "'",
                       ORT_INVALID_ARGUMENT);
   return nullptr;
+}
+
+const char* FormatName(onnxslim_sparse::Format f) {
+  switch (f) {
+    case onnxslim_sparse::Format::kCSR: return "csr";
+    case onnxslim_sparse::Format::kBlock1x4: return "block1x4";
+    case onnxslim_sparse::Format::kBlock4x1: return "block4x1";
+    case onnxslim_sparse::Format::kDense: return "dense";
+  }
+  return "?";
 }
 
 struct SparseEp : OrtEp {
@@ -146,8 +183,22 @@ struct SparseEp : OrtEp {
                                           std::to_string(op->w->rows()) + "x" + std::to_string(op->w->cols()) +
                                           ", " + std::to_string(op->w->nonzeros()) + " nonzeros, format " +
                                           std::to_string(static_cast<int>(op->w->format())));
+      if (const auto* layer = dynamic_cast<const LayerWeight*>(op->w.get()))
+        ep->Log(ORT_LOGGING_LEVEL_INFO, std::string(kEpName) + " " + op->name + " formats by product columns: n=1 " +
+                                            FormatName(layer->FormatFor(1)) + ", n=2..8 " +
+                                            FormatName(layer->FormatFor(8)) + ", n>8 " +
+                                            FormatName(layer->FormatFor(64)) + "; " +
+                                            std::to_string(layer->FormatCount()) + " held, " +
+                                            std::to_string(layer->bytes()) + " bytes; MLAS for" +
+                                            (op->fallback_for[0] ? " n=1" : "") + (op->fallback_for[1] ? " n=2..8" : "") +
+                                            (op->fallback_for[2] ? " n>8" : "") + (op->fallback ? "" : " none"));
       infos[i] = new ComputeInfo(std::move(op));
     }
+#if defined(__GLIBC__)
+    // Building the formats freed transposition panels and grown vectors inside the heap; hand
+    // that back to the OS now rather than leaving it in the process's RSS.
+    malloc_trim(0);
+#endif
     return nullptr;
     ONNXSLIM_EP_CATCH
   }

@@ -70,8 +70,18 @@ double Cost(const EntryCost& c, int64_t entries, int64_t n) {
 
 }  // namespace
 
-Format SparseMatrix::ChooseFormat(const float* w, int64_t rows, int64_t cols, int64_t n_hint) {
+FormatCounts CountFormatEntries(const float* w, int64_t rows, int64_t cols) {
   const Counts c = CountEntries(w, rows, cols);
+  FormatCounts out;
+  out.rows = rows;
+  out.cols = cols;
+  out.nnz = c.nnz;
+  out.blocks1x4 = c.blocks1x4;
+  out.blocks4x1 = c.blocks4x1;
+  return out;
+}
+
+Format ChooseFormatFromCounts(const FormatCounts& c, int64_t n_hint) {
   const int64_t n = std::max<int64_t>(1, n_hint);
   Format best = Format::kCSR;
   double best_cost = Cost(kCsr, c.nnz, n);
@@ -81,10 +91,25 @@ Format SparseMatrix::ChooseFormat(const float* w, int64_t rows, int64_t cols, in
       best_cost = cost;
     }
   };
-  if (cols >= 4) consider(Format::kBlock1x4, Cost(kBlock1x4, c.blocks1x4, n));
+  if (c.cols >= 4) consider(Format::kBlock1x4, Cost(kBlock1x4, c.blocks1x4, n));
   consider(Format::kBlock4x1, Cost(kBlock4x1, c.blocks4x1, n));
-  consider(Format::kDense, Cost(kDenseCost, rows * cols, n));
+  consider(Format::kDense, Cost(kDenseCost, c.rows * c.cols, n));
   return best;
+}
+
+double FormatCost(const FormatCounts& c, Format format, int64_t n_hint) {
+  const int64_t n = std::max<int64_t>(1, n_hint);
+  switch (format) {
+    case Format::kCSR: return Cost(kCsr, c.nnz, n);
+    case Format::kBlock1x4: return Cost(kBlock1x4, c.blocks1x4, n);
+    case Format::kBlock4x1: return Cost(kBlock4x1, c.blocks4x1, n);
+    case Format::kDense: return Cost(kDenseCost, c.rows * c.cols, n);
+  }
+  return 0.0;
+}
+
+Format SparseMatrix::ChooseFormat(const float* w, int64_t rows, int64_t cols, int64_t n_hint) {
+  return ChooseFormatFromCounts(CountFormatEntries(w, rows, cols), n_hint);
 }
 
 }  // namespace onnxslim_sparse

@@ -50,6 +50,27 @@ class SparseMatrix {
                         const float* bias, Activation act, const ParallelFor& parallel) const = 0;
 };
 
+// What each format would store for a weight: ChooseFormat's input, countable panel by panel.
+// Counts of row panels that start at multiples of 4 rows add up (+=) to the whole weight's, so
+// the EP can count a weight it only ever holds a panel of in row-major form (a transposed one).
+struct FormatCounts {
+  int64_t rows = 0, cols = 0, nnz = 0, blocks1x4 = 0, blocks4x1 = 0;
+  FormatCounts& operator+=(const FormatCounts& o) {
+    rows += o.rows;  // panels of the same weight share cols
+    cols = o.cols;
+    nnz += o.nnz;
+    blocks1x4 += o.blocks1x4;
+    blocks4x1 += o.blocks4x1;
+    return *this;
+  }
+};
+FormatCounts CountFormatEntries(const float* w, int64_t rows, int64_t cols);
+// Same choice as SparseMatrix::ChooseFormat(w, rows, cols, n_hint) from the weight's counts.
+Format ChooseFormatFromCounts(const FormatCounts& counts, int64_t n_hint);
+// The cost model's expected time of a product with n columns in `format` (units: one CSR
+// nonzero at batch 1); ChooseFormatFromCounts picks the lowest.
+double FormatCost(const FormatCounts& counts, Format format, int64_t n);
+
 // "avx2+fma" or "portable": which code path Multiply uses on this CPU (chosen at run time).
 std::string KernelIsa();
 
