@@ -284,10 +284,50 @@ void Block4x1(const SparseView& w, const Operands& io, const Epilogue& ep, const
     Block4x1Strip(w, io, ep, r0, t.row1 - r0 < 4 ? t.row1 - r0 : 4, t.col0, t.col1);
 }
 
+
+// Direct sparse conv: 8 accumulators = 64 consecutive positions of one output channel; per
+// nonzero one broadcast and 8 unaligned loads at a constant shift, each fused into an FMA. The
+// caller runs all output channels of a tile before the next tile, so the tile's input slice
+// (C x kh rows of about 64 + (kw-1)*dil floats) stays in L1/L2 across the channels.
+void DirectConv(const DirectConvArgs& a, int64_t p0, int64_t o0, int64_t o1) {
+  alignas(32) float buf[kConvTile];
+  const float* in = a.in + p0;
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t o = o0; o < o1; ++o) {
+    __m256 c0 = zero, c1 = zero, c2 = zero, c3 = zero, c4 = zero, c5 = zero, c6 = zero, c7 = zero;
+    for (int64_t j = a.ptr[o], end = a.ptr[o + 1]; j < end; ++j) {
+      const __m256 v = _mm256_broadcast_ss(a.val + j);
+      const float* s = in + a.off[j];
+      c0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(s), c0);
+      c1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(s + 8), c1);
+      c2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(s + 16), c2);
+      c3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(s + 24), c3);
+      c4 = _mm256_fmadd_ps(v, _mm256_loadu_ps(s + 32), c4);
+      c5 = _mm256_fmadd_ps(v, _mm256_loadu_ps(s + 40), c5);
+      c6 = _mm256_fmadd_ps(v, _mm256_loadu_ps(s + 48), c6);
+      c7 = _mm256_fmadd_ps(v, _mm256_loadu_ps(s + 56), c7);
+    }
+    const __m256 b = _mm256_set1_ps(a.bias ? a.bias[o] : 0.0f);
+    const auto fin = [&](__m256 acc) {
+      const __m256 r = _mm256_add_ps(acc, b);
+      return a.relu ? _mm256_max_ps(zero, r) : r;  // MAXPS keeps a NaN r (second operand)
+    };
+    _mm256_store_ps(buf, fin(c0));
+    _mm256_store_ps(buf + 8, fin(c1));
+    _mm256_store_ps(buf + 16, fin(c2));
+    _mm256_store_ps(buf + 24, fin(c3));
+    _mm256_store_ps(buf + 32, fin(c4));
+    _mm256_store_ps(buf + 40, fin(c5));
+    _mm256_store_ps(buf + 48, fin(c6));
+    _mm256_store_ps(buf + 56, fin(c7));
+    StoreConvTile(a, o, p0, buf);
+  }
+}
+
 }  // namespace
 
 const KernelSet& Avx2Kernels() {
-  static const KernelSet kSet{Csr, Block1x4, Block4x1, Dense};
+  static const KernelSet kSet{Csr, Block1x4, Block4x1, Dense, DirectConv};
   return kSet;
 }
 

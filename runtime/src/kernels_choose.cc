@@ -88,3 +88,45 @@ Format SparseMatrix::ChooseFormat(const float* w, int64_t rows, int64_t cols, in
 }
 
 }  // namespace onnxslim_sparse
+
+namespace onnxslim_sparse {
+
+// Conv claim cost model. Unit: one multiply-add of ORT's dense Conv (MLAS SGEMM over its own
+// im2col). Per image:
+//   dense  = OC*K*P + kMlasIm2col * K*P          (K = C*kh*kw, P = OH*OW; no im2col for 1x1)
+//   direct = kDirectNz * nnz*OH*Wp + kPad * C*Hp*Wp + kStore * OC*P
+//   im2col = kIm2colNz * nnz*P + kOurIm2col * K*P  (+ the same store)
+// Fitted to bench/sparse.py's interleaved single-thread medians (docs/sparse_runtime.md,
+// "Measured"); see kConv* below for the values and what they came from.
+namespace {
+// A nonzero x position of the direct kernel costs about 2 dense MACs: 8 FMAs with unaligned
+// memory operands per 64 positions plus the broadcast and shift load, against MLAS's packed
+// register-blocked SGEMM near peak.
+constexpr double kConvDirectNz = 2.0;
+constexpr double kConvIm2colNz = 2.5;   // the SparseMatrix CSR kernel over im2col columns
+constexpr double kConvPad = 1.0;        // padded copy per element
+constexpr double kConvStore = 1.0;      // epilogue store per output element
+constexpr double kConvMlasIm2col = 1.0; // MLAS's own im2col per column element
+constexpr double kConvOurIm2col = 3.0;  // ours (scalar, bounds-checked) per column element
+}  // namespace
+
+double ConvRelativeCost(int64_t nonzeros, int64_t out_channels, int64_t in_channels, int64_t kh, int64_t kw,
+                        int64_t out_h, int64_t out_w, int64_t in_h, int64_t in_w, bool direct) {
+  const double k = static_cast<double>(in_channels * kh * kw), p = static_cast<double>(out_h * out_w);
+  const bool pointwise = kh == 1 && kw == 1 && out_h == in_h && out_w == in_w;
+  const double dense = static_cast<double>(out_channels) * k * p + (pointwise ? 0.0 : kConvMlasIm2col * k * p);
+  if (dense <= 0.0) return 1.0;
+  const double store = kConvStore * static_cast<double>(out_channels) * p;
+  double sparse;
+  if (direct) {
+    // Padded sizes for dilation 1 (a dilated conv pads a little more; the model ignores it).
+    const double hp = static_cast<double>(out_h + kh - 1), wp = static_cast<double>(out_w + kw - 1);
+    sparse = kConvDirectNz * static_cast<double>(nonzeros) * static_cast<double>(out_h) * wp +
+             kConvPad * static_cast<double>(in_channels) * hp * wp + store;
+  } else {
+    sparse = kConvIm2colNz * static_cast<double>(nonzeros) * p + (pointwise ? 0.0 : kConvOurIm2col * k * p) + store;
+  }
+  return sparse / dense;
+}
+
+}  // namespace onnxslim_sparse

@@ -97,10 +97,32 @@ void Block4x1(const SparseView& w, const Operands& io, const Epilogue& ep, const
   }
 }
 
+
+// Direct sparse conv (see kernels_avx2.cc): one tile of kConvTile positions per output channel,
+// the accumulator row a plain array the compiler vectorises.
+void DirectConv(const DirectConvArgs& a, int64_t p0, int64_t o0, int64_t o1) {
+  float acc[kConvTile];
+  const float* in = a.in + p0;
+  for (int64_t o = o0; o < o1; ++o) {
+    for (int64_t t = 0; t < kConvTile; ++t) acc[t] = 0.0f;
+    for (int64_t j = a.ptr[o], end = a.ptr[o + 1]; j < end; ++j) {
+      const float v = a.val[j];
+      const float* s = in + a.off[j];
+      for (int64_t t = 0; t < kConvTile; ++t) acc[t] += v * s[t];
+    }
+    const float b = a.bias ? a.bias[o] : 0.0f;
+    for (int64_t t = 0; t < kConvTile; ++t) {
+      const float r = acc[t] + b;
+      acc[t] = a.relu && r < 0.0f ? 0.0f : r;
+    }
+    StoreConvTile(a, o, p0, acc);
+  }
+}
+
 }  // namespace
 
 const KernelSet& PortableKernels() {
-  static const KernelSet kSet{Csr, Block1x4, Block4x1, Dense};
+  static const KernelSet kSet{Csr, Block1x4, Block4x1, Dense, DirectConv};
   return kSet;
 }
 
