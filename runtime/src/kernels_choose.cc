@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "kernels_internal.h"
 #include "sparse_kernels.h"
 
 namespace onnxslim_sparse {
@@ -91,23 +92,23 @@ Format SparseMatrix::ChooseFormat(const float* w, int64_t rows, int64_t cols, in
 
 namespace onnxslim_sparse {
 
-// Conv claim cost model. Unit: one multiply-add of ORT's dense Conv (MLAS SGEMM over its own
-// im2col). Per image:
-//   dense  = OC*K*P + kMlasIm2col * K*P          (K = C*kh*kw, P = OH*OW; no im2col for 1x1)
-//   direct = kDirectNz * nnz*OH*Wp + kPad * C*Hp*Wp + kStore * OC*P
-//   im2col = kIm2colNz * nnz*P + kOurIm2col * K*P  (+ the same store)
-// Fitted to bench/sparse.py's interleaved single-thread medians (docs/sparse_runtime.md,
-// "Measured"); see kConv* below for the values and what they came from.
+// Conv claim cost model. Unit: one multiply-add of ORT's dense Conv (MLAS SGEMM). Per image:
+//   dense  = OC*K*P + kConvMlasIm2col * K*P   (K = C*kh*kw, P = OH*OW; no im2col for a 1x1
+//                                              stride-1 unpadded conv, which is a plain GEMM)
+//   direct = kConvDirectNz * nnz * T + kConvPad * C*Hp*Wp + kConvStore * OC*P
+//            (T = positions computed: whole 64-position tiles over OH rows of padded width Wp)
+//   im2col = kConvIm2colNz * nnz * P + kConvOurIm2col * K*P + OC*P
+// Fitted by least squares to bench/sparse.py's interleaved single-thread medians (format=csr so
+// every layer is timed, batch 1, sparsity 30-95 %, the VGG-16 3x3 shapes on 224..14 maps and
+// the ResNet-50 3x3/1x1 ones; docs/sparse_runtime.md, "Measured"), then rounded towards
+// declining: that machine was shared and single ratios moved by 20-40 %.
 namespace {
-// A nonzero x position of the direct kernel costs about 2 dense MACs: 8 FMAs with unaligned
-// memory operands per 64 positions plus the broadcast and shift load, against MLAS's packed
-// register-blocked SGEMM near peak.
-constexpr double kConvDirectNz = 2.0;
-constexpr double kConvIm2colNz = 2.5;   // the SparseMatrix CSR kernel over im2col columns
-constexpr double kConvPad = 1.0;        // padded copy per element
-constexpr double kConvStore = 1.0;      // epilogue store per output element
-constexpr double kConvMlasIm2col = 1.0; // MLAS's own im2col per column element
-constexpr double kConvOurIm2col = 3.0;  // ours (scalar, bounds-checked) per column element
+constexpr double kConvDirectNz = 3.3;     // fit 2.9; 3.7 on 14x14 maps, where MLAS runs best
+constexpr double kConvPad = 3.75;         // the padded copy and the store were one fitted term
+constexpr double kConvStore = 3.75;       // (7.5 per element; C = OC in every fitted shape)
+constexpr double kConvMlasIm2col = 17.4;  // fit: MLAS's im2col dominates on 112x112 / 224x224 maps
+constexpr double kConvIm2colNz = 3.0;     // 1x1 convs: break-even 65-70 % measured
+constexpr double kConvOurIm2col = 45.0;   // scalar bounds-checked gather; ResNet-50's stride-2 3x3
 }  // namespace
 
 double ConvRelativeCost(int64_t nonzeros, int64_t out_channels, int64_t in_channels, int64_t kh, int64_t kw,
@@ -116,13 +117,16 @@ double ConvRelativeCost(int64_t nonzeros, int64_t out_channels, int64_t in_chann
   const bool pointwise = kh == 1 && kw == 1 && out_h == in_h && out_w == in_w;
   const double dense = static_cast<double>(out_channels) * k * p + (pointwise ? 0.0 : kConvMlasIm2col * k * p);
   if (dense <= 0.0) return 1.0;
-  const double store = kConvStore * static_cast<double>(out_channels) * p;
+  // The direct kernel stores through a tile buffer; the SparseMatrix products write in place.
+  const double store = (direct ? kConvStore : 1.0) * static_cast<double>(out_channels) * p;
   double sparse;
   if (direct) {
     // Padded sizes for dilation 1 (a dilated conv pads a little more; the model ignores it).
-    const double hp = static_cast<double>(out_h + kh - 1), wp = static_cast<double>(out_w + kw - 1);
-    sparse = kConvDirectNz * static_cast<double>(nonzeros) * static_cast<double>(out_h) * wp +
-             kConvPad * static_cast<double>(in_channels) * hp * wp + store;
+    const int64_t hp = out_h + kh - 1, wp = out_w + kw - 1;
+    const int64_t positions = (out_h - 1) * wp + out_w;
+    const double tiles = static_cast<double>((positions + detail::kConvTile - 1) / detail::kConvTile);
+    sparse = kConvDirectNz * static_cast<double>(nonzeros) * tiles * detail::kConvTile +
+             kConvPad * static_cast<double>(in_channels * hp * wp) + store;
   } else {
     sparse = kConvIm2colNz * static_cast<double>(nonzeros) * p + (pointwise ? 0.0 : kConvOurIm2col * k * p) + store;
   }
