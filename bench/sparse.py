@@ -37,7 +37,7 @@ FC = {"vgg16_fc6": (25088, 4096), "vgg16_fc7": (4096, 4096), "ddddocr_fc_1024x82
 # (in channels, out channels, kernel, feature map, stride): ResNet-50 bottleneck layers
 CONV = {"resnet50_layer2_3x3": (128, 128, 3, 28, 1), "resnet50_layer3_3x3": (256, 256, 3, 14, 1),
         "resnet50_layer1_1x1": (256, 64, 1, 56, 1), "resnet50_layer3_1x1": (1024, 256, 1, 14, 1),
-        "resnet50_layer2_3x3_s2": (128, 128, 3, 56, 2),
+        "resnet50_layer4_3x3": (512, 512, 3, 7, 1), "resnet50_layer2_3x3_s2": (128, 128, 3, 56, 2),
         # the VGG-16 3x3 convs (stride 1, pad 1) that lost with the explicit im2col
         "vgg16_conv1_2": (64, 64, 3, 224, 1), "vgg16_conv2_2": (128, 128, 3, 112, 1),
         "vgg16_conv3_2": (256, 256, 3, 56, 1), "vgg16_conv4_2": (512, 512, 3, 28, 1),

@@ -62,7 +62,8 @@ class DirectSparseConv final : public SparseConv {
           const float v = w[o * k + j];
           if (v == 0.0f) continue;
           val_.push_back(v);
-          tap_.push_back(static_cast<int32_t>(j));
+          chan_.push_back(static_cast<int32_t>(j / taps));
+          tap_.push_back(static_cast<int32_t>(j % taps));
         }
       }
       ptr_.push_back(static_cast<int64_t>(val_.size()));
@@ -73,7 +74,8 @@ class DirectSparseConv final : public SparseConv {
   int64_t in_channels() const override { return ic_; }
   int64_t nonzeros() const override { return static_cast<int64_t>(val_.size()); }
   size_t bytes() const override {
-    return ptr_.size() * sizeof(int64_t) + tap_.size() * sizeof(int32_t) + val_.size() * sizeof(float);
+    return ptr_.size() * sizeof(int64_t) + (chan_.size() + tap_.size()) * sizeof(int32_t) +
+           val_.size() * sizeof(float);
   }
 
   void Run(const float* x, int64_t batch, const ConvGeometry& g, float* y, const float* bias, Activation act,
@@ -82,7 +84,8 @@ class DirectSparseConv final : public SparseConv {
  private:
   int64_t oc_, ic_, kh_, kw_, blocks_ = 1;
   std::vector<int64_t> ptr_;  // out_channels x (blocks_ + 1), see DirectConvArgs
-  std::vector<int32_t> tap_;  // c*kh*kw + ky*kw + kx of each nonzero
+  std::vector<int32_t> chan_;  // input channel c of each nonzero
+  std::vector<int32_t> tap_;   // ky*kw + kx of each nonzero
   std::vector<float> val_;
 };
 
@@ -99,14 +102,15 @@ void DirectSparseConv::Run(const float* x, int64_t batch, const ConvGeometry& g,
     throw std::invalid_argument("SparseConv::Run: padded image over 2^31 floats");
   const int64_t out_plane = g.out_h * g.out_w;
 
-  // Shift of every nonzero for this geometry (a few hundred thousand ints at most: cheap next
-  // to the products, and it keeps the object independent of the input size).
+  // Shift of every nonzero for this geometry: a multiply-add per nonzero (no divisions: on a
+  // 7x7 map, where the products are short, dividing here cost as much as the convolution), and
+  // the object stays independent of the input size.
+  std::vector<int32_t> tap_shift(static_cast<size_t>(kh_ * kw_));
+  for (int64_t ky = 0; ky < kh_; ++ky)
+    for (int64_t kx = 0; kx < kw_; ++kx) tap_shift[ky * kw_ + kx] = static_cast<int32_t>(ky * g.dil_h * wp + kx * g.dil_w);
   std::vector<int32_t> off(tap_.size());
-  const int64_t taps = kh_ * kw_;
-  for (size_t j = 0; j < tap_.size(); ++j) {
-    const int64_t t = tap_[j], c = t / taps, ky = (t / kw_) % kh_, kx = t % kw_;
-    off[j] = static_cast<int32_t>(c * plane + ky * g.dil_h * wp + kx * g.dil_w);
-  }
+  const int32_t plane32 = static_cast<int32_t>(plane);
+  for (size_t j = 0; j < tap_.size(); ++j) off[j] = chan_[j] * plane32 + tap_shift[tap_[j]];
   std::unique_ptr<float[]> in(new float[padded]);
   std::fill(in.get() + ic_ * plane, in.get() + padded, 0.0f);
 
