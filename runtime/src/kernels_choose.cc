@@ -98,17 +98,21 @@ namespace onnxslim_sparse {
 //   direct = kConvDirectNz * nnz * T + kConvPad * C*Hp*Wp + kConvStore * OC*P
 //            (T = positions computed: whole 64-position tiles over OH rows of padded width Wp)
 //   im2col = kConvIm2colNz * nnz * P + kConvOurIm2col * K*P + OC*P
-// Fitted by least squares to bench/sparse.py's interleaved single-thread medians (format=csr so
-// every layer is timed, batch 1, sparsity 30-95 %, the VGG-16 3x3 shapes on 224..14 maps and
-// the ResNet-50 3x3/1x1 ones; docs/sparse_runtime.md, "Measured"), then rounded towards
-// declining: that machine was shared and single ratios moved by 20-40 %.
+// Fitted by least squares on relative error to bench/results_sparse_conv_calibration.json
+// (bench/sparse.py --format csr, so every layer is timed whether it wins or not; batch 1, one
+// thread, 30-95 % zeros; 3x3 stride-1 shapes from VGG-16 224x224 to ResNet-50 7x7): direct nz
+// 2.14, padded copy + store 46.8 per element (one term: C = OC in every fitted shape), MLAS
+// im2col 11.8 per element; median error of the predicted ratio 5 %, no layer on the wrong side
+// of 1. Rounded towards declining (the machine was shared; two 60 % layers that win by 7-12 %
+// are left to ORT). The im2col constants rest on fewer shapes: the 1x1 layers (3.2 per nonzero
+// x column, break-even 69 %) and one stride-2 3x3 (ours 33-47 per column element).
 namespace {
-constexpr double kConvDirectNz = 3.3;     // fit 2.9; 3.7 on 14x14 maps, where MLAS runs best
-constexpr double kConvPad = 3.75;         // the padded copy and the store were one fitted term
-constexpr double kConvStore = 3.75;       // (7.5 per element; C = OC in every fitted shape)
-constexpr double kConvMlasIm2col = 17.4;  // fit: MLAS's im2col dominates on 112x112 / 224x224 maps
-constexpr double kConvIm2colNz = 3.0;     // 1x1 convs: break-even 65-70 % measured
-constexpr double kConvOurIm2col = 45.0;   // scalar bounds-checked gather; ResNet-50's stride-2 3x3
+constexpr double kConvDirectNz = 2.3;
+constexpr double kConvPad = 24.0;        // padded copy, offsets and buffers per padded element
+constexpr double kConvStore = 24.0;      // tile epilogue and NCHW store per output element
+constexpr double kConvMlasIm2col = 12.0; // MLAS's im2col: it dominates on 112x112 / 224x224 maps
+constexpr double kConvIm2colNz = 3.2;    // the SparseMatrix CSR product per nonzero x column
+constexpr double kConvOurIm2col = 45.0;  // our scalar, bounds-checked im2col per column element
 }  // namespace
 
 double ConvRelativeCost(int64_t nonzeros, int64_t out_channels, int64_t in_channels, int64_t kh, int64_t kw,
