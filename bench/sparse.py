@@ -36,7 +36,14 @@ from onnxslim_cnn import runtime  # noqa: E402
 FC = {"vgg16_fc6": (25088, 4096), "vgg16_fc7": (4096, 4096), "ddddocr_fc_1024x8210": (1024, 8210)}
 # (in channels, out channels, kernel, feature map, stride): ResNet-50 bottleneck layers
 CONV = {"resnet50_layer2_3x3": (128, 128, 3, 28, 1), "resnet50_layer3_3x3": (256, 256, 3, 14, 1),
-        "resnet50_layer1_1x1": (256, 64, 1, 56, 1), "resnet50_layer3_1x1": (1024, 256, 1, 14, 1)}
+        "resnet50_layer1_1x1": (256, 64, 1, 56, 1), "resnet50_layer3_1x1": (1024, 256, 1, 14, 1),
+        "resnet50_layer4_3x3": (512, 512, 3, 7, 1), "resnet50_layer2_3x3_s2": (128, 128, 3, 56, 2),
+        # the VGG-16 3x3 convs (stride 1, pad 1) that lost with the explicit im2col
+        "vgg16_conv1_2": (64, 64, 3, 224, 1), "vgg16_conv2_2": (128, 128, 3, 112, 1),
+        "vgg16_conv3_2": (256, 256, 3, 56, 1), "vgg16_conv4_2": (512, 512, 3, 28, 1),
+        "vgg16_conv5_2": (512, 512, 3, 14, 1)}
+# Feature maps of 56x56 and up at batch 32 take seconds per dense run: batch 1 (and 8) only there.
+BIG_MAP = 56
 SPARSITIES = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
 BATCHES = [1, 8, 32]
 BUDGET_S = 0.5  # wall time per contender per measurement; repeats = budget / one run, 3..15
@@ -126,7 +133,7 @@ def csr_value(w):
     return ort.OrtValue.ort_value_from_sparse_tensor(st)
 
 
-def bench_layers(names, sparsities, batches, threads_list, rng, log):
+def bench_layers(names, sparsities, batches, threads_list, rng, log, fmt="auto"):
     rows = []
     for name in names:
         is_fc = name in FC
@@ -144,11 +151,13 @@ def bench_layers(names, sparsities, batches, threads_list, rng, log):
             std_model = sparse_to_dense_model(*shape) if is_fc else None
             for threads in threads_list:
                 dense = dense_session(model, threads)
-                ours = runtime.session(model, min_sparsity=0.0, sess_options=options(threads))
+                ours = runtime.session(model, min_sparsity=0.0, sess_options=options(threads), format=fmt)
                 # format auto: a layer the kernels' cost model would run densely stays with ORT
                 claimed = bool(runtime.claimed_nodes(ours))
                 std = dense_session(std_model, threads) if is_fc else None
                 for batch in batches:
+                    if not is_fc and hw >= BIG_MAP and batch > (8 if hw == BIG_MAP else 1):
+                        continue
                     x = rng.standard_normal((batch, shape[1]) if is_fc else (batch, shape[1], hw, hw)).astype(np.float32)
                     runs = {"ort_dense": lambda: dense.run(None, {"x": x}), "sparse_ep": lambda: ours.run(None, {"x": x})}
                     if is_fc and batch == 1 and threads == 1:  # seconds per run elsewhere (see docstring)
@@ -156,7 +165,7 @@ def bench_layers(names, sparsities, batches, threads_list, rng, log):
                         runs["ort_sparse_to_dense_matmul"] = lambda: std.run_with_ort_values(["y"], {"A": a_value, "X": xt})
                     ms = round_robin(runs)
                     row = {"layer": name, "shape": list(shape), "sparsity": sparsity, "batch": batch,
-                           "threads": threads, "claimed": claimed, "ms": ms,
+                           "threads": threads, "claimed": claimed, "format": fmt, "ms": ms,
                            "speedup_vs_dense": round(ms["ort_dense"] / ms["sparse_ep"], 3)}
                     if "ort_sparse_to_dense_matmul" in ms:
                         row["sparse_to_dense_matmul_vs_dense"] = round(ms["ort_dense"] / ms["ort_sparse_to_dense_matmul"], 3)
@@ -181,7 +190,7 @@ def break_even(rows):
     return result
 
 
-def bench_models(names, ratios, threads_list, rng, log, scope="global"):
+def bench_models(names, ratios, threads_list, rng, log, scope="global", min_sparsity=None):
     from onnxslim_cnn.models.reference import build
 
     import onnxslim_cnn
@@ -198,12 +207,13 @@ def bench_models(names, ratios, threads_list, rng, log, scope="global"):
             data = pruned.SerializeToString()
             for threads in threads_list:
                 dense = dense_session(data, threads)
-                ours = runtime.session(data, sess_options=options(threads))
+                ours = runtime.session(data, sess_options=options(threads), min_sparsity=min_sparsity)
                 claimed = runtime.claimed_nodes(ours)
                 got, ref = ours.run(None, {feed_name: x})[0], dense.run(None, {feed_name: x})[0]
                 ms = round_robin({"ort_dense": lambda: dense.run(None, {feed_name: x}),
                                   "sparse_ep": lambda: ours.run(None, {feed_name: x})}, budget=MODEL_BUDGET_S)
-                row = {"model": name, "sparsify_ratio": ratio, "sparsify_scope": scope, "batch": x.shape[0], "threads": threads, "ms": ms,
+                row = {"model": name, "sparsify_ratio": ratio, "sparsify_scope": scope, "batch": x.shape[0], "threads": threads,
+                       "min_sparsity": min_sparsity if min_sparsity is not None else runtime.DEFAULT_MIN_SPARSITY, "ms": ms,
                        "speedup_vs_dense": round(ms["ort_dense"] / ms["sparse_ep"], 3),
                        "claimed_nodes": len(claimed),
                        "claimed_ops": sorted({n["op_type"] for n in claimed}),
@@ -224,6 +234,11 @@ def main(argv=None):
     p.add_argument("--scope", default="global", choices=["global", "layer"],
                    help="sparsify scope for the end-to-end models (global = one magnitude threshold)")
     p.add_argument("--ratios", default="0.8,0.9", help="sparsify ratios for the end-to-end models")
+    p.add_argument("--sparsities", help="comma-separated layer sparsities (default 0.5..0.95)")
+    p.add_argument("--batches", help="comma-separated layer batches (default 1,8,32)")
+    p.add_argument("--format", default="auto", help="EP format for the layers (csr: claim every layer, "
+                   "to time the sparse kernels where the cost model would decline them)")
+    p.add_argument("--min-sparsity", type=float, help="EP min_sparsity for the models (default: the EP's)")
     args = p.parse_args(argv)
     reason = runtime.unavailable_reason()
     if reason:
@@ -232,13 +247,18 @@ def main(argv=None):
     threads_list = [int(t) for t in args.threads.split(",")]
     layers = [n for n in args.layers.split(",") if n] if args.layers is not None else [*FC, *CONV]
     sparsities, batches, models = SPARSITIES, BATCHES, [m for m in args.models.split(",") if m]
+    if args.sparsities:
+        sparsities = [float(v) for v in args.sparsities.split(",")]
+    if args.batches:
+        batches = [int(v) for v in args.batches.split(",")]
     if args.quick:
         layers, sparsities, batches, models = ["vgg16_fc7", "resnet50_layer3_3x3"], [0.5, 0.9], [1, 8], []
     log = lambda row: print(row, file=sys.stderr, flush=True)  # noqa: E731
     from onnxslim_cnn.runtime.loader import library_path
 
-    layer_rows = bench_layers(layers, sparsities, batches, threads_list, rng, log)
-    model_rows = bench_models(models, [float(r) for r in args.ratios.split(",")], threads_list, rng, log, args.scope)
+    layer_rows = bench_layers(layers, sparsities, batches, threads_list, rng, log, args.format)
+    model_rows = bench_models(models, [float(r) for r in args.ratios.split(",")], threads_list, rng, log, args.scope,
+                              args.min_sparsity)
     isa = None
     try:
         import ctypes

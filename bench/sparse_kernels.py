@@ -189,6 +189,46 @@ class Kernels:
         lib.onnxslim_sparse_isa.restype = ctypes.c_char_p
         lib.onnxslim_sparse_set_isa.argtypes = [ctypes.c_char_p]
         lib.onnxslim_sparse_last_error.restype = ctypes.c_char_p
+        if hasattr(lib, "onnxslim_sparse_conv_create"):  # direct sparse conv (SparseConv)
+            lib.onnxslim_sparse_conv_create.restype = ctypes.c_void_p
+            lib.onnxslim_sparse_conv_create.argtypes = [_F, _I64, _I64, _I64, _I64]
+            lib.onnxslim_sparse_conv_run.argtypes = [ctypes.c_void_p, _F, _I64, ctypes.POINTER(_I64), _F, _F,
+                                                     ctypes.c_int, ctypes.c_int]
+            lib.onnxslim_sparse_conv_nonzeros.restype = _I64
+            lib.onnxslim_sparse_conv_nonzeros.argtypes = [ctypes.c_void_p]
+            lib.onnxslim_sparse_conv_free.argtypes = [ctypes.c_void_p]
+            lib.onnxslim_sparse_conv_path_runs.restype = _I64
+            lib.onnxslim_sparse_conv_path_runs.argtypes = [ctypes.c_int]
+            lib.onnxslim_sparse_conv_relative_cost.restype = ctypes.c_double
+            lib.onnxslim_sparse_conv_relative_cost.argtypes = [_I64] * 9 + [ctypes.c_int]
+
+    def direct_conv(self, w: np.ndarray, x: np.ndarray, *, pads=(0, 0, 0, 0), dilations=(1, 1), bias=None,
+                    relu: bool = False, threads: int = 1) -> np.ndarray:
+        """Stride-1 NCHW conv of x [N, C, H, W] with w [OC, C, kh, kw] through SparseConv;
+        pads = (top, left, bottom, right)."""
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        oc, c, kh, kw = w.shape
+        n, _, ih, iw = x.shape
+        oh = ih + pads[0] + pads[2] - (kh - 1) * dilations[0]
+        ow = iw + pads[1] + pads[3] - (kw - 1) * dilations[1]
+        handle = self.lib.onnxslim_sparse_conv_create(_ptr(w), oc, c, kh, kw)
+        if not handle:
+            raise KernelError(self.error())
+        try:
+            geometry = (_I64 * 8)(ih, iw, dilations[0], dilations[1], pads[0], pads[1], oh, ow)
+            y = np.empty((n, oc, oh, ow), np.float32)
+            b = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+            if self.lib.onnxslim_sparse_conv_run(handle, _ptr(x), n, geometry, _ptr(y), _ptr(b), int(relu),
+                                                 threads) != 0:
+                raise KernelError(self.error())
+            return y
+        finally:
+            self.lib.onnxslim_sparse_conv_free(handle)
+
+    def conv_path_runs(self) -> dict:
+        return {name: self.lib.onnxslim_sparse_conv_path_runs(i) for i, name in enumerate(("direct", "im2col",
+                                                                                           "pointwise"))}
 
     def error(self) -> str:
         return self.lib.onnxslim_sparse_last_error().decode()

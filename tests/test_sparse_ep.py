@@ -195,14 +195,14 @@ def test_conv_forms(form, batch):
     form = dict(form)
     kernel = form.pop("kernel")
     model, feeds = conv_model(rng, (batch, 5, 11, 10), 7, kernel, 0.9, bias=False, relu=False, **form)
-    check(model, feeds, ["Conv"])
+    check(model, feeds, ["Conv"], format="csr")  # csr: the conv cost model would leave such tiny convs to ORT
 
 
 @needs_ep
 def test_conv1d():
     rng = np.random.default_rng(12)
     model, feeds = conv_model(rng, (2, 4, 17), 6, (3,), 0.8, strides=[2], pads=[1, 2], dilations=[2])
-    check(model, feeds, ["Conv", "Relu"])
+    check(model, feeds, ["Conv", "Relu"], format="csr")
 
 
 @needs_ep

@@ -274,6 +274,52 @@ Ort::ConstValueInfo WeightValue(const Ort::ConstNode& node) {
   return inputs[node.GetOperatorType() != "Conv" && WeightInput(inputs) == 0 ? 0 : 1];
 }
 
+// How a claimed Conv will run. Stride 1 -> direct sparse conv (no im2col), unless the kernel is
+// 1x1 without padding (the image itself is the product's X: the SparseMatrix path, no copy) or
+// a format other than CSR is forced (those formats exist only as SparseMatrix products).
+struct ConvPath {
+  bool direct = false;
+  int64_t out_h = 16, out_w = 16, in_h = 16, in_w = 16;  // for the cost model; 16 when unknown
+};
+
+ConvPath ConvPathOf(const Ort::ConstNode& node, const Tensor& w, const EpConfig& config) {
+  ConvPath p;
+  const size_t rank = w.dims.size() - 2;
+  auto strides = IntsAttr(node, "strides"), pads = IntsAttr(node, "pads");
+  const bool stride1 = std::all_of(strides.begin(), strides.end(), [](int64_t s) { return s == 1; });
+  const bool kernel1 = std::all_of(w.dims.begin() + 2, w.dims.end(), [](int64_t k) { return k == 1; });
+  const bool no_pads = StringAttr(node, "auto_pad", "NOTSET") != "NOTSET" ||
+                       std::all_of(pads.begin(), pads.end(), [](int64_t q) { return q == 0; });
+  const bool pointwise = stride1 && kernel1 && no_pads;
+  p.direct = stride1 && !pointwise && (config.format < 0 || config.format == static_cast<int>(Format::kCSR));
+  auto x_info = TensorInfo(Inputs(node)[0]);
+  auto y_info = TensorInfo(node.GetOutputs()[0]);
+  auto spatial = [&](const std::optional<std::pair<ONNXTensorElementDataType, std::vector<int64_t>>>& info,
+                     int64_t& h, int64_t& wd) {
+    if (!info || info->second.size() != rank + 2) return;
+    const auto& d = info->second;
+    const int64_t last = d[rank + 1], first = rank == 2 ? d[2] : 1;
+    if (last > 0 && first > 0) {
+      h = first;
+      wd = last;
+    }
+  };
+  spatial(x_info, p.in_h, p.in_w);
+  p.out_h = p.in_h;  // stride-1 'same' guess when the output shape is unknown
+  p.out_w = p.in_w;
+  spatial(y_info, p.out_h, p.out_w);
+  return p;
+}
+
+// The conv cost model of the kernels (ConvRelativeCost) says the sparse run would be slower.
+bool ConvLoses(const Ort::ConstNode& node, const Tensor& w, const EpConfig& config) {
+  const ConvPath p = ConvPathOf(node, w, config);
+  const int64_t nnz = w.size - static_cast<int64_t>(std::count(w.data, w.data + w.size, 0.0f));
+  const int64_t kh = w.dims.size() == 4 ? w.dims[2] : 1, kw = w.dims.back();
+  return onnxslim_sparse::ConvRelativeCost(nnz, w.dims[0], w.dims[1], kh, kw, p.out_h, p.out_w, p.in_h, p.in_w,
+                                           p.direct) >= 1.0;
+}
+
 }  // namespace
 
 std::vector<std::vector<Ort::ConstNode>> FindClaims(const Ort::ConstGraph& graph, const EpConfig& config) {
@@ -291,15 +337,20 @@ std::vector<std::vector<Ort::ConstNode>> FindClaims(const Ort::ConstGraph& graph
     if (config.format < 0) {
       // When the kernels' own cost model would run this layer densely, ORT's MLAS does that
       // better: leave it to the CPU EP.
-      const KernelWeight k = KernelWeightOf(node, *w);
-      const int declared = BucketOf(k.n_hint);
-      const Format format = BucketFormats(WeightValue(node), k, config)[declared];
-      if (format == Format::kDense) continue;
-      // Same for a Gemm/MatMul that ORT's MLAS is expected to run faster at its declared width
-      // (the dense_fallback rule): claiming it would only route it back to MLAS.
-      if (op != "Conv" && config.dense_fallback == 1 &&
-          MlasWins(WeightCounts(WeightValue(node), k, config), format, declared))
-        continue;
+      // A Conv also has to beat ORT's dense Conv by the conv cost model (a direct conv never
+      // runs a SparseMatrix, so ChooseFormat's verdict does not apply to it).
+      if (op == "Conv" && ConvLoses(node, *w, config)) continue;
+      if (!(op == "Conv" && ConvPathOf(node, *w, config).direct)) {
+        const KernelWeight k = KernelWeightOf(node, *w);
+        const int declared = BucketOf(k.n_hint);
+        const Format format = BucketFormats(WeightValue(node), k, config)[declared];
+        if (format == Format::kDense) continue;
+        // Same for a Gemm/MatMul that ORT's MLAS is expected to run faster at its declared width
+        // (the dense_fallback rule): claiming it would only route it back to MLAS.
+        if (op != "Conv" && config.dense_fallback == 1 &&
+            MlasWins(WeightCounts(WeightValue(node), k, config), format, declared))
+          continue;
+      }
     }
     std::vector<Ort::ConstNode> group{node};
     Ort::ConstValueInfo tail = node.GetOutputs()[0];
@@ -330,6 +381,11 @@ std::vector<std::vector<Ort::ConstNode>> FindClaims(const Ort::ConstGraph& graph
   }
   return claims;
 }
+
+namespace {
+std::unique_ptr<SparseOp> FinishOp(std::unique_ptr<SparseOp> op, const std::vector<Ort::ConstValueInfo>& inputs,
+                                   const Ort::ConstNode& fused_node);
+}  // namespace
 
 std::unique_ptr<SparseOp> BuildSparseOp(const Ort::ConstGraph& group, const Ort::ConstNode& fused_node,
                                         const EpConfig& config) {
@@ -395,6 +451,10 @@ std::unique_ptr<SparseOp> BuildSparseOp(const Ort::ConstGraph& group, const Ort:
       auto b = ConstantFloat(inputs[2]);
       op->bias.assign(b->data, b->data + b->size);
     }
+    if (ConvPathOf(*main, *w, config).direct) {
+      op->direct = onnxslim_sparse::SparseConv::FromDense(w->data, w->dims[0], w->dims[1], c.kernel[0], c.kernel[1]);
+      return FinishOp(std::move(op), inputs, fused_node);
+    }
   }
   std::array<Format, kBuckets> formats{};
   if (config.format >= 0) formats.fill(static_cast<Format>(config.format));
@@ -419,7 +479,13 @@ std::unique_ptr<SparseOp> BuildSparseOp(const Ort::ConstGraph& group, const Ort:
       op->fallback = std::make_shared<DenseFallback>(w->data, w->dims[0], w->dims[1], op->trans_b, op->bias,
                                                      op->alpha, op->act == Activation::kRelu, config.threads);
   }
+  return FinishOp(std::move(op), inputs, fused_node);
+}
 
+namespace {
+
+std::unique_ptr<SparseOp> FinishOp(std::unique_ptr<SparseOp> op, const std::vector<Ort::ConstValueInfo>& inputs,
+                                   const Ort::ConstNode& fused_node) {
   // Where the activation sits among the fused node's runtime inputs (constants are dropped).
   const std::string x_name = inputs[0].GetName();
   auto fused_inputs = fused_node.GetInputs();
@@ -434,5 +500,7 @@ std::unique_ptr<SparseOp> BuildSparseOp(const Ort::ConstGraph& group, const Ort:
   if (!found) throw Ort::Exception(op->name + ": activation input not found on the fused node", ORT_EP_FAIL);
   return op;
 }
+
+}  // namespace
 
 }  // namespace onnxslim_ep

@@ -2,9 +2,11 @@
 //
 // The kernels want the activation as X[K x N] with N = batch rows (or output pixels), while
 // Gemm/MatMul store it as A[N x K]: the small activation side is transposed in and the result
-// transposed out (for N = 1 both are the same memory and nothing moves). Conv goes through an
-// explicit im2col per image, X[C*kh*kw x OH*OW], whose product with the filter matrix
-// W[OC x C*kh*kw] is already the NCHW output of that image; 1x1 / stride 1 / no pad skips it.
+// transposed out (for N = 1 both are the same memory and nothing moves). A stride-1 Conv runs
+// as a direct sparse convolution (SparseConv: one padded copy of the image, no im2col); other
+// strides go through an explicit im2col per image, X[C*kh*kw x OH*OW], whose product with the
+// filter matrix W[OC x C*kh*kw] is already the NCHW output of that image; 1x1 / stride 1 / no
+// pad skips both and multiplies the image itself.
 #include "ep_ops.h"
 
 #include "ep_fallback.h"
@@ -94,17 +96,16 @@ void SparseOp::Compute(Ort::KernelContext& ctx) const {
   if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) Fail(name + ": input is not float32");
   const std::vector<int64_t> shape = info.GetShape();
   const float* x = input.GetTensorData<float>();
-  const ParallelFor parallel = MakeParallelFor(ctx.GetOrtKernelContext());
-  const int64_t m = w->rows(), k = w->cols();
-
   if (kind == OpKind::kConv) {
     ComputeConv(ctx, x, shape);
     return;
   }
+  const ParallelFor parallel = MakeParallelFor(ctx.GetOrtKernelContext());
   if (weight_left) {
     ComputeLeft(ctx, x, shape, parallel);
     return;
   }
+  const int64_t m = w->rows(), k = w->cols();
   if (kind == OpKind::kGemm) {
     if (shape.size() != 2) Fail(name + ": Gemm input A must be 2-D");
     const int64_t a_k = trans_a ? shape[0] : shape[1], rows = trans_a ? shape[1] : shape[0];
@@ -134,6 +135,14 @@ void SparseOp::Compute(Ort::KernelContext& ctx) const {
   float* y = ctx.GetOutput(0, out_shape).GetTensorMutableData<float>();
   if (rows == 0) return;
   ComputeRows(ctx, x, rows, k, y, parallel);
+}
+
+std::string SparseOp::Describe() const {
+  if (direct)
+    return "direct conv " + std::to_string(direct->out_channels()) + "x" + std::to_string(direct->in_channels()) +
+           ", " + std::to_string(direct->nonzeros()) + " nonzeros";
+  return std::to_string(w->rows()) + "x" + std::to_string(w->cols()) + ", " + std::to_string(w->nonzeros()) +
+         " nonzeros, format " + std::to_string(static_cast<int>(w->format()));
 }
 
 void SparseOp::ComputeRows(Ort::KernelContext&, const float* a, int64_t rows, int64_t k, float* y,
@@ -202,14 +211,15 @@ void SparseOp::ComputeConv(Ort::KernelContext& ctx, const float* x, const std::v
   const int64_t batch = shape[0], channels = shape[1];
   const int64_t in_h = rank == 2 ? shape[2] : 1, in_w = shape[rank + 1];
   const int64_t kh = conv.kernel[0], kw = conv.kernel[1];
-  if (channels * kh * kw != w->cols()) Fail(name + ": Conv input channels do not match the weight");
+  const int64_t in_channels = direct ? direct->in_channels() : w->cols() / (kh * kw);
+  if (channels != in_channels) Fail(name + ": Conv input channels do not match the weight");
   const AxisPlan ph = rank == 2 ? PlanConvAxis(in_h, kh, conv.stride[0], conv.dilation[0], conv.pad_begin[0],
                                                conv.pad_end[0], conv.auto_pad)
                                 : AxisPlan{1, 0};
   const AxisPlan pw = PlanConvAxis(in_w, kw, conv.stride[1], conv.dilation[1], conv.pad_begin[1], conv.pad_end[1],
                                    conv.auto_pad);
   if (ph.out < 1 || pw.out < 1) Fail(name + ": Conv output would be empty");
-  const int64_t m = w->rows(), pixels = ph.out * pw.out, in_pixels = in_h * in_w;
+  const int64_t m = direct ? direct->out_channels() : w->rows(), pixels = ph.out * pw.out, in_pixels = in_h * in_w;
   std::vector<int64_t> out_shape{batch, m};
   if (rank == 2) out_shape.push_back(ph.out);
   out_shape.push_back(pw.out);
@@ -218,6 +228,19 @@ void SparseOp::ComputeConv(Ort::KernelContext& ctx, const float* x, const std::v
   const ParallelFor parallel = MakeParallelFor(ctx.GetOrtKernelContext());
   const float* b = bias.empty() ? nullptr : bias.data();
 
+  if (direct) {  // stride 1 (checked when the op was built): no im2col at all
+    onnxslim_sparse::ConvGeometry g;
+    g.in_h = in_h;
+    g.in_w = in_w;
+    g.dil_h = conv.dilation[0];
+    g.dil_w = conv.dilation[1];
+    g.pad_top = ph.pad_begin;
+    g.pad_left = pw.pad_begin;
+    g.out_h = ph.out;
+    g.out_w = pw.out;
+    direct->Run(x, batch, g, y, b, act, parallel);
+    return;
+  }
   const bool pointwise = kh == 1 && kw == 1 && conv.stride[0] == 1 && conv.stride[1] == 1 && ph.pad_begin == 0 &&
                          pw.pad_begin == 0 && ph.out == in_h && pw.out == in_w;
   std::unique_ptr<float[]> cols;
@@ -255,6 +278,7 @@ void SparseOp::ComputeConv(Ort::KernelContext& ctx, const float* x, const std::v
     }
     w->Multiply(xcol, pixels, pixels, y + n * m * pixels, pixels, 1.0f, b, act, parallel);
   }
+  onnxslim_sparse::CountConvPathRun(pointwise ? 2 : 1, batch);
 }
 
 }  // namespace onnxslim_ep

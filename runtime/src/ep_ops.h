@@ -32,7 +32,8 @@ struct ConvAttrs {
 struct SparseOp {
   OpKind kind = OpKind::kGemm;
   std::string name;                                   // the ONNX node's name (for messages)
-  std::unique_ptr<onnxslim_sparse::SparseMatrix> w;   // M x K: out features x in features
+  std::unique_ptr<onnxslim_sparse::SparseMatrix> w;   // M x K: out features x in features (im2col / pointwise / Gemm / MatMul)
+  std::unique_ptr<onnxslim_sparse::SparseConv> direct;  // Conv with stride 1 run as a direct sparse conv (then w is null)
   std::vector<float> bias;                            // M values, or empty
   float alpha = 1.0f;
   bool trans_a = false;                               // Gemm only: A is stored K x batch
@@ -46,6 +47,8 @@ struct SparseOp {
 
   // Reads the activation from the kernel context, writes the op's output 0.
   void Compute(Ort::KernelContext& ctx) const;
+  // "MxK, N nonzeros, format F" or "direct conv OCxC, N nonzeros" (for the EP's log).
+  std::string Describe() const;
 
  private:
   void ComputeRows(Ort::KernelContext& ctx, const float* a, int64_t rows, int64_t k, float* y,

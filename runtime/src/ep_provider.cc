@@ -179,10 +179,7 @@ struct SparseEp : OrtEp {
     for (size_t i = 0; i < count; ++i) infos[i] = nullptr;
     for (size_t i = 0; i < count; ++i) {
       auto op = BuildSparseOp(Ort::ConstGraph{graphs[i]}, Ort::ConstNode{fused_nodes[i]}, ep->config);
-      ep->Log(ORT_LOGGING_LEVEL_INFO, std::string(kEpName) + " compiled " + op->name + ": " +
-                                          std::to_string(op->w->rows()) + "x" + std::to_string(op->w->cols()) +
-                                          ", " + std::to_string(op->w->nonzeros()) + " nonzeros, format " +
-                                          std::to_string(static_cast<int>(op->w->format())));
+      ep->Log(ORT_LOGGING_LEVEL_INFO, std::string(kEpName) + " compiled " + op->name + ": " + op->Describe());
       if (const auto* layer = dynamic_cast<const LayerWeight*>(op->w.get()))
         ep->Log(ORT_LOGGING_LEVEL_INFO, std::string(kEpName) + " " + op->name + " formats by product columns: n=1 " +
                                             FormatName(layer->FormatFor(1)) + ", n=2..8 " +

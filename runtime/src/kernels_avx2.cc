@@ -284,10 +284,71 @@ void Block4x1(const SparseView& w, const Operands& io, const Epilogue& ep, const
     Block4x1Strip(w, io, ep, r0, t.row1 - r0 < 4 ? t.row1 - r0 : 4, t.col0, t.col1);
 }
 
+
+// Direct sparse conv: 8 accumulators = 64 consecutive positions of one output channel; per
+// nonzero one broadcast and 8 unaligned loads at a constant shift, each fused into an FMA.
+// Input-channel block outer, output channel inner (see DirectConvArgs): the block's slice of
+// the padded image stays in L1 across all the filters of the unit.
+void DirectConv(const DirectConvArgs& a, int64_t p0, int64_t o0, int64_t o1, float* acc) {
+  alignas(32) float buf[kConvTile];
+  const float* in = a.in + p0;
+  const __m256 zero = _mm256_setzero_ps();
+  const int64_t stride = a.blocks + 1;
+  for (int64_t blk = 0; blk < a.blocks; ++blk) {
+    const bool first = blk == 0, last = blk + 1 == a.blocks;
+    for (int64_t o = o0; o < o1; ++o) {
+      float* part = acc + (o - o0) * kConvTile;
+      __m256 c0 = zero, c1 = zero, c2 = zero, c3 = zero, c4 = zero, c5 = zero, c6 = zero, c7 = zero;
+      if (!first) {
+        c0 = _mm256_load_ps(part);
+        c1 = _mm256_load_ps(part + 8);
+        c2 = _mm256_load_ps(part + 16);
+        c3 = _mm256_load_ps(part + 24);
+        c4 = _mm256_load_ps(part + 32);
+        c5 = _mm256_load_ps(part + 40);
+        c6 = _mm256_load_ps(part + 48);
+        c7 = _mm256_load_ps(part + 56);
+      }
+      for (int64_t j = a.ptr[o * stride + blk], end = a.ptr[o * stride + blk + 1]; j < end; ++j) {
+        const __m256 v = _mm256_broadcast_ss(a.val + j);
+        const float* s = in + a.off[j];
+        c0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(s), c0);
+        c1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(s + 8), c1);
+        c2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(s + 16), c2);
+        c3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(s + 24), c3);
+        c4 = _mm256_fmadd_ps(v, _mm256_loadu_ps(s + 32), c4);
+        c5 = _mm256_fmadd_ps(v, _mm256_loadu_ps(s + 40), c5);
+        c6 = _mm256_fmadd_ps(v, _mm256_loadu_ps(s + 48), c6);
+        c7 = _mm256_fmadd_ps(v, _mm256_loadu_ps(s + 56), c7);
+      }
+      float* dst = part;
+      if (last) {
+        const __m256 b = _mm256_set1_ps(a.bias ? a.bias[o] : 0.0f);
+        const auto fin = [&](__m256 x) {
+          const __m256 r = _mm256_add_ps(x, b);
+          return a.relu ? _mm256_max_ps(zero, r) : r;  // MAXPS keeps a NaN r (second operand)
+        };
+        c0 = fin(c0), c1 = fin(c1), c2 = fin(c2), c3 = fin(c3);
+        c4 = fin(c4), c5 = fin(c5), c6 = fin(c6), c7 = fin(c7);
+        dst = buf;
+      }
+      _mm256_store_ps(dst, c0);
+      _mm256_store_ps(dst + 8, c1);
+      _mm256_store_ps(dst + 16, c2);
+      _mm256_store_ps(dst + 24, c3);
+      _mm256_store_ps(dst + 32, c4);
+      _mm256_store_ps(dst + 40, c5);
+      _mm256_store_ps(dst + 48, c6);
+      _mm256_store_ps(dst + 56, c7);
+      if (last) StoreConvTile(a, o, p0, buf);
+    }
+  }
+}
+
 }  // namespace
 
 const KernelSet& Avx2Kernels() {
-  static const KernelSet kSet{Csr, Block1x4, Block4x1, Dense};
+  static const KernelSet kSet{Csr, Block1x4, Block4x1, Dense, DirectConv};
   return kSet;
 }
 

@@ -104,6 +104,43 @@ OSK_API int onnxslim_sparse_format(const void* m) {
 }
 OSK_API void onnxslim_sparse_free(void* m) { delete static_cast<SparseMatrix*>(m); }
 
+// Direct sparse conv (SparseConv): w is [oc][ic][kh][kw]; returns a handle for
+// onnxslim_sparse_conv_run / _free, or NULL.
+OSK_API void* onnxslim_sparse_conv_create(const float* w, int64_t oc, int64_t ic, int64_t kh, int64_t kw) {
+  return Guard([&]() -> void* { return onnxslim_sparse::SparseConv::FromDense(w, oc, ic, kh, kw).release(); },
+               nullptr);
+}
+
+// geometry: in_h, in_w, dil_h, dil_w, pad_top, pad_left, out_h, out_w (ConvGeometry's order).
+OSK_API int onnxslim_sparse_conv_run(const void* conv, const float* x, int64_t batch, const int64_t* geometry,
+                                     float* y, const float* bias, int relu, int threads) {
+  return Guard(
+      [&] {
+        if (!conv || !geometry) throw std::invalid_argument("null conv handle or geometry");
+        const int64_t* q = geometry;
+        const onnxslim_sparse::ConvGeometry g{q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7]};
+        static_cast<const onnxslim_sparse::SparseConv*>(conv)->Run(
+            x, batch, g, y, bias, relu ? onnxslim_sparse::Activation::kRelu : onnxslim_sparse::Activation::kNone,
+            ThreadSplit(threads));
+        return 0;
+      },
+      -1);
+}
+
+OSK_API int64_t onnxslim_sparse_conv_nonzeros(const void* conv) {
+  return conv ? static_cast<const onnxslim_sparse::SparseConv*>(conv)->nonzeros() : -1;
+}
+OSK_API void onnxslim_sparse_conv_free(void* conv) { delete static_cast<onnxslim_sparse::SparseConv*>(conv); }
+
+// Runs of each conv path in this process (0 direct, 1 im2col, 2 pointwise), counted in images.
+OSK_API int64_t onnxslim_sparse_conv_path_runs(int which) { return onnxslim_sparse::ConvPathRuns(which); }
+
+OSK_API double onnxslim_sparse_conv_relative_cost(int64_t nnz, int64_t oc, int64_t ic, int64_t kh, int64_t kw,
+                                                  int64_t out_h, int64_t out_w, int64_t in_h, int64_t in_w,
+                                                  int direct) {
+  return onnxslim_sparse::ConvRelativeCost(nnz, oc, ic, kh, kw, out_h, out_w, in_h, in_w, direct != 0);
+}
+
 // "avx2+fma" or "portable" (a static string).
 OSK_API const char* onnxslim_sparse_isa() {
   return onnxslim_sparse::KernelIsa() == "avx2+fma" ? "avx2+fma" : "portable";

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "kernels_internal.h"
 #include "sparse_kernels.h"
 
 namespace onnxslim_sparse {
@@ -110,6 +111,55 @@ double FormatCost(const FormatCounts& c, Format format, int64_t n_hint) {
 
 Format SparseMatrix::ChooseFormat(const float* w, int64_t rows, int64_t cols, int64_t n_hint) {
   return ChooseFormatFromCounts(CountFormatEntries(w, rows, cols), n_hint);
+}
+
+}  // namespace onnxslim_sparse
+
+namespace onnxslim_sparse {
+
+// Conv claim cost model. Unit: one multiply-add of ORT's dense Conv (MLAS SGEMM). Per image:
+//   dense  = OC*K*P + kConvMlasIm2col * K*P   (K = C*kh*kw, P = OH*OW; no im2col for a 1x1
+//                                              stride-1 unpadded conv, which is a plain GEMM)
+//   direct = kConvDirectNz * nnz * T + kConvPad * C*Hp*Wp + kConvStore * OC*P
+//            (T = positions computed: whole 64-position tiles over OH rows of padded width Wp)
+//   im2col = kConvIm2colNz * nnz * P + kConvOurIm2col * K*P + OC*P
+// Fitted by least squares on relative error to bench/results_sparse_conv_calibration.json
+// (bench/sparse.py --format csr, so every layer is timed whether it wins or not; batch 1, one
+// thread, 30-95 % zeros; 3x3 stride-1 shapes from VGG-16 224x224 to ResNet-50 7x7): direct nz
+// 2.14, padded copy + store 46.8 per element (one term: C = OC in every fitted shape), MLAS
+// im2col 11.8 per element; median error of the predicted ratio 5 %, no layer on the wrong side
+// of 1. Rounded towards declining (the machine was shared; two 60 % layers that win by 7-12 %
+// are left to ORT). The im2col constants rest on fewer shapes: the 1x1 layers (3.2 per nonzero
+// x column, break-even 69 %) and one stride-2 3x3 (ours 33-47 per column element).
+namespace {
+constexpr double kConvDirectNz = 2.3;
+constexpr double kConvPad = 24.0;        // padded copy, offsets and buffers per padded element
+constexpr double kConvStore = 24.0;      // tile epilogue and NCHW store per output element
+constexpr double kConvMlasIm2col = 12.0; // MLAS's im2col: it dominates on 112x112 / 224x224 maps
+constexpr double kConvIm2colNz = 3.2;    // the SparseMatrix CSR product per nonzero x column
+constexpr double kConvOurIm2col = 45.0;  // our scalar, bounds-checked im2col per column element
+}  // namespace
+
+double ConvRelativeCost(int64_t nonzeros, int64_t out_channels, int64_t in_channels, int64_t kh, int64_t kw,
+                        int64_t out_h, int64_t out_w, int64_t in_h, int64_t in_w, bool direct) {
+  const double k = static_cast<double>(in_channels * kh * kw), p = static_cast<double>(out_h * out_w);
+  const bool pointwise = kh == 1 && kw == 1 && out_h == in_h && out_w == in_w;
+  const double dense = static_cast<double>(out_channels) * k * p + (pointwise ? 0.0 : kConvMlasIm2col * k * p);
+  if (dense <= 0.0) return 1.0;
+  // The direct kernel stores through a tile buffer; the SparseMatrix products write in place.
+  const double store = (direct ? kConvStore : 1.0) * static_cast<double>(out_channels) * p;
+  double sparse;
+  if (direct) {
+    // Padded sizes for dilation 1 (a dilated conv pads a little more; the model ignores it).
+    const int64_t hp = out_h + kh - 1, wp = out_w + kw - 1;
+    const int64_t positions = (out_h - 1) * wp + out_w;
+    const double tiles = static_cast<double>((positions + detail::kConvTile - 1) / detail::kConvTile);
+    sparse = kConvDirectNz * static_cast<double>(nonzeros) * tiles * detail::kConvTile +
+             kConvPad * static_cast<double>(in_channels * hp * wp) + store;
+  } else {
+    sparse = kConvIm2colNz * static_cast<double>(nonzeros) * p + (pointwise ? 0.0 : kConvOurIm2col * k * p) + store;
+  }
+  return sparse / dense;
 }
 
 }  // namespace onnxslim_sparse

@@ -55,7 +55,8 @@ bool SetKernelIsa(const char* name) {
   return true;
 }
 
-static const KernelSet& Kernels() { return ActiveIsa() == 1 ? Avx2Kernels() : PortableKernels(); }
+const KernelSet& ActiveKernels() { return ActiveIsa() == 1 ? Avx2Kernels() : PortableKernels(); }
+static const KernelSet& Kernels() { return ActiveKernels(); }
 
 namespace {
 

@@ -97,10 +97,37 @@ void Block4x1(const SparseView& w, const Operands& io, const Epilogue& ep, const
   }
 }
 
+
+// Direct sparse conv (see kernels_avx2.cc and DirectConvArgs): one tile of kConvTile positions
+// per output channel, the accumulator row a plain array the compiler vectorises.
+void DirectConv(const DirectConvArgs& a, int64_t p0, int64_t o0, int64_t o1, float* acc) {
+  const float* in = a.in + p0;
+  const int64_t stride = a.blocks + 1;
+  for (int64_t blk = 0; blk < a.blocks; ++blk) {
+    for (int64_t o = o0; o < o1; ++o) {
+      float* part = acc + (o - o0) * kConvTile;
+      if (blk == 0)
+        for (int64_t t = 0; t < kConvTile; ++t) part[t] = 0.0f;
+      for (int64_t j = a.ptr[o * stride + blk], end = a.ptr[o * stride + blk + 1]; j < end; ++j) {
+        const float v = a.val[j];
+        const float* s = in + a.off[j];
+        for (int64_t t = 0; t < kConvTile; ++t) part[t] += v * s[t];
+      }
+      if (blk + 1 < a.blocks) continue;
+      const float b = a.bias ? a.bias[o] : 0.0f;
+      for (int64_t t = 0; t < kConvTile; ++t) {
+        const float r = part[t] + b;
+        part[t] = a.relu && r < 0.0f ? 0.0f : r;
+      }
+      StoreConvTile(a, o, p0, part);
+    }
+  }
+}
+
 }  // namespace
 
 const KernelSet& PortableKernels() {
-  static const KernelSet kSet{Csr, Block1x4, Block4x1, Dense};
+  static const KernelSet kSet{Csr, Block1x4, Block4x1, Dense, DirectConv};
   return kSet;
 }
 
