@@ -1,7 +1,7 @@
 // ChooseFormat: a cost model, not a measurement, so the choice is deterministic and free.
 //
 // Each format's time is modelled as (entries it stores) x (cost of one entry), with per-entry
-// costs fitted to measurements (below; docs/sparse_runtime.md, "Kernels"). An entry is a
+// costs fitted to measurements (below; docs/sparse_kernels.md). An entry is a
 // nonzero (CSR), a 4-value block (1x4, 4x1) or a weight (dense). At batch 1 the product streams
 // W from memory once; at batch n > 1 every entry costs a pass over ceil(n/8) vectors of X.
 #include <algorithm>
