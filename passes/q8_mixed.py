@@ -249,3 +249,32 @@ def choose_float_layers(model: onnx.ModelProto, quantize: Callable[[onnx.ModelPr
     chosen = with_fused_activations(model, kept)
     report.update(cosine=best, budget_met=best >= budget, kept=chosen)
     return chosen, report
+
+
+# Ops a graph output may pass through after the last weight layer (float_head walks back over them).
+_HEAD_PASSTHROUGH = {"Add", "Mul", "Sub", "Div", "Softmax", "LogSoftmax", "Sigmoid", "Relu", "Clip", "Reshape",
+                     "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Sigmoid", "HardSwish", "Resize"}
+
+
+def head_layers(model: onnx.ModelProto) -> list[str]:
+    """The Conv/ConvTranspose/MatMul/Gemm nearest to each graph output, walking back over element-wise
+    and layout ops (the activation path only: other inputs are constants or shapes)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name for t in model.graph.initializer}
+    out: list[str] = []
+    for g_out in model.graph.output:
+        t, seen = g_out.name, 0
+        while t in producer and seen < 32:
+            node, seen = producer[t], seen + 1
+            if node.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm"):
+                if node.name not in out:
+                    out.append(node.name)
+                break
+            if node.op_type not in _HEAD_PASSTHROUGH:
+                break
+            live = [i for i in node.input if i and i not in inits
+                    and not (i in producer and producer[i].op_type in ("Constant", "Shape", "Concat", "Cast"))]
+            if len(live) != 1:
+                break
+            t = live[0]
+    return out
