@@ -23,7 +23,8 @@ import onnx
 
 _BINS = 2048
 _FRACTIONS = np.linspace(0.2, 1.0, 33)  # clip candidates, as fractions of the calibration min / max
-_PER_RUN = 16  # tensors captured per ORT run (memory on 640x640 inputs)
+_FIRST_RUN = 16  # tensors captured in the first ORT run; later runs are sized to _RUN_BYTES
+_RUN_BYTES = 512 << 20  # activations held at once (640x640 detector pages: ~50 MB per tensor)
 
 
 def _mse_range(hist: np.ndarray, edges: np.ndarray, lo: float, hi: float, levels: int = 255) -> tuple[float, float]:
@@ -63,8 +64,13 @@ def mse_overrides(model: onnx.ModelProto, calib, names: "list[str] | None" = Non
             consumers.setdefault(i, set()).add(n.op_type)
     names = activation_tensors(model) if names is None else names
     out: dict[str, list[dict]] = {}
-    for start in range(0, len(names), _PER_RUN):
-        acts = capture(model, names[start:start + _PER_RUN], calib)
+    start, per_run = 0, _FIRST_RUN
+    while start < len(names):
+        chunk = names[start:start + per_run]
+        start += len(chunk)
+        acts = capture(model, chunk, calib)
+        mean_bytes = max(sum(a.nbytes for a in acts.values()) / max(len(acts), 1), 1.0)
+        per_run = int(min(max(_RUN_BYTES // mean_bytes, 1), 256))
         for name, x in acts.items():
             if x.dtype != np.float32 or x.size == 0:
                 continue
