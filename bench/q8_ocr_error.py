@@ -115,14 +115,15 @@ def bench_model(model_id: str, n_held: int) -> dict:
         # the tensor before the Softmax / Sigmoid, by each model's own name (slim folds det's last
         # Add into its ConvTranspose, so the name changes)
         ref = run(original, held, [out_name, pre_activation(original)])
-        variants = {
-            "q8": lambda: Q8Pass().apply(path, calib=calib)[0],
-            "q8_ocr": lambda: Q8Pass(**OCR).apply(path, calib=calib)[0],
-            "weights_only": lambda: weights_only(prepared),
-            "activations16": lambda: activations16(prepared, calib),
-        }
-        for label, make in variants.items():
-            model = make()
+        for label in ("q8", "q8_ocr", "weights_only", "activations16"):
+            if label == "q8":
+                model = Q8Pass().apply(path, calib=calib)[0]
+            elif label == "q8_ocr":
+                model = Q8Pass(**OCR).apply(path, calib=calib)[0]
+            elif label == "weights_only":
+                model = weights_only(prepared)
+            else:
+                model = activations16(prepared, calib)
             got = run(model, held, [out_name, pre_activation(model)])
             rows.setdefault(label, {})[kind] = {"cosine_output": cosine(ref[0], got[0]),
                                                 "cosine_before_" + ("softmax" if "rec" in model_id else "sigmoid"):

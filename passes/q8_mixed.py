@@ -253,7 +253,7 @@ def choose_float_layers(model: onnx.ModelProto, quantize: Callable[[onnx.ModelPr
 
 # Ops a graph output may pass through after the last weight layer (float_head walks back over them).
 _HEAD_PASSTHROUGH = {"Add", "Mul", "Sub", "Div", "Softmax", "LogSoftmax", "Sigmoid", "Relu", "Clip", "Reshape",
-                     "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Sigmoid", "HardSwish", "Resize"}
+                     "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "HardSwish", "Resize"}
 
 
 def head_layers(model: onnx.ModelProto) -> list[str]:
