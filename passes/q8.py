@@ -69,6 +69,9 @@ class Q8Options:
                                       "weight layers (Conv, MatMul, Gemm) with everything between them float",
                                choices=("all", "weighted"))
     float_head: bool = option(False, "keep the weight layer that produces each graph output float")
+    float_weight_layers: int = option(0, "keep this many Conv/MatMul/Gemm layers float: those whose int8 "
+                                         "weights alone lower the output cosine most on the calibration data",
+                                      min=0)
     sensitivity_samples: int = option(0, "keep_float=auto: calibration samples used to rank the layers "
                                          "(0: all; fewer is faster on big inputs)", min=0)
 
@@ -295,6 +298,15 @@ class Q8Pass(Pass):
             model, fused = fuse_hardswish(model)
             for name in fused:
                 result.change(name, "hardswish_fused")
+        if o.float_weight_layers and not o.dynamic:
+            from .q8_mixed import weight_sensitive_layers
+
+            chosen, sensitivity = weight_sensitive_layers(model, ctx.calibration, o.float_weight_layers, set(keep))
+            result.stats["float_weight_layers"] = chosen
+            for name in chosen:
+                result.change(name, "kept_float", sensitivity=sensitivity[name],
+                              reason="int8 weights of this layer alone cost the most output cosine")
+            keep += [n for n in with_fused_activations(model, chosen) if n not in keep]
         if o.equalize:
             from .q8_equalize import equalize
 

@@ -134,3 +134,26 @@ def test_fidelity_options_through_the_pass():
     plain, _ = Q8Pass().apply(model, calib={"x": x})
     plain_dq = {n.output[0] for n in plain.graph.node if n.op_type == "DequantizeLinear"}
     assert {"Mul", "MatMul"} <= {n.op_type for n in plain.graph.node if set(n.input) & plain_dq}
+
+
+def test_float_weight_layers_ranks_by_weight_rounding_alone():
+    from onnxslim_cnn.analysis.calibration import from_arrays
+    from onnxslim_cnn.passes.q8_mixed import weight_sensitive_layers
+
+    model = _lcnet_like()
+    # a quiet channel 0 out of conv1 read by an outlier weight column of conv2 (PP-OCRv4 rec's
+    # pattern): conv2's per-output-channel int8 step is set by that column, the other seven round coarsely
+    inits = {i.name: i for i in model.graph.initializer}
+    for name, scale, cut in (("w1", 1 / 40, np.s_[0]), ("b1", 1 / 40, np.s_[0]), ("w2", 40.0, np.s_[:, 0])):
+        a = nh.to_array(inits[name]).copy()
+        a[cut] *= scale
+        inits[name].CopyFrom(nh.from_array(a, name))
+    calib = from_arrays({"x": _x(8)}, model)
+    chosen, sens = weight_sensitive_layers(model, calib, 1)
+    assert chosen == ["conv2"] and set(sens) == {"conv1", "conv2", "head"}
+    assert sens["conv2"] == max(sens.values()) > 0
+    q, res = Q8Pass(float_weight_layers=1).apply(model, calib={"x": _x(8)})
+    assert res.stats["float_weight_layers"] == ["conv2"]
+    dq_out = {n.output[0] for n in q.graph.node if n.op_type == "DequantizeLinear"}
+    conv2 = next(n for n in q.graph.node if n.name == "conv2")
+    assert not set(conv2.input) & dq_out  # reads float input and float weights
