@@ -6,7 +6,7 @@ the cosine similarity to float of the output *and* of the tensor before the last
 Sigmoid, for:
 
 - ``q8``: the defaults; ``q8_ocr``: ``fuse_hardswish``, ``quantize_ops=weighted``,
-  ``calibration=mse``, ``float_head``;
+  ``calibration=mse``, ``float_head``, ``float_weight_layers=8``;
 - ``weights_only``: the float model with every Conv/MatMul/Gemm weight replaced by its int8
   per-channel value (what int8 weights alone cost);
 - ``activations16``: ORT's tool with 16-bit activations (``QUInt16``, contrib Q/DQ) and int8
@@ -34,7 +34,8 @@ from onnxslim_cnn.passes.q8 import Q8Pass, _name_nodes, _Reader  # noqa: E402
 from onnxslim_cnn.passes.q8_equalize import quantize_weight_like_ort, weight_axis  # noqa: E402
 from onnxslim_cnn.passes.slim import SlimPass  # noqa: E402
 
-OCR = {"fuse_hardswish": True, "quantize_ops": "weighted", "calibration": "mse", "float_head": True}
+OCR = {"fuse_hardswish": True, "quantize_ops": "weighted", "calibration": "mse", "float_head": True,
+       "float_weight_layers": 8}
 
 
 def cosine(a, b) -> float:

@@ -7,7 +7,8 @@ Rows per model:
 - ``q8``: our pass, defaults (BN folded, u8 activations, per-channel int8 weights, MinMax);
 - ``q8_eq_bc``: ``q8.equalize=true q8.bias_correction=true``;
 - ``q8_mixed``: ``q8.keep_float=auto`` (budget_cosine 0.99 on the calibration inputs);
-- ``q8_ocr``: ``fuse_hardswish``, ``quantize_ops=weighted``, ``calibration=mse``, ``float_head``;
+- ``q8_ocr``: ``fuse_hardswish``, ``quantize_ops=weighted``, ``calibration=mse``, ``float_head``,
+  ``float_weight_layers=8``;
 - ``fp16``: the ``fp16`` pass (float16 weights and compute, float32 I/O).
 
 Measured for each: the task metric (digits: top-1 on the 450 test images and top-1 agreement
@@ -47,7 +48,8 @@ VARIANTS = {
     "q8_eq_bc": {"equalize": True, "bias_correction": True},
     "q8_mixed": {"keep_float": ["auto"]},
     # the PP-OCR fidelity set-up (docs/q8.md, "Fidelity on PP-OCRv4")
-    "q8_ocr": {"fuse_hardswish": True, "quantize_ops": "weighted", "calibration": "mse", "float_head": True},
+    "q8_ocr": {"fuse_hardswish": True, "quantize_ops": "weighted", "calibration": "mse", "float_head": True,
+               "float_weight_layers": 8},
 }
 # 640x640 pages: rank the detector's layers on 2 samples and try at most 16 (the trials re-run
 # the tool's calibration each time)
