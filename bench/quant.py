@@ -7,6 +7,8 @@ Rows per model:
 - ``q8``: our pass, defaults (BN folded, u8 activations, per-channel int8 weights, MinMax);
 - ``q8_eq_bc``: ``q8.equalize=true q8.bias_correction=true``;
 - ``q8_mixed``: ``q8.keep_float=auto`` (budget_cosine 0.99 on the calibration inputs);
+- ``q8_ocr``: ``fuse_hardswish``, ``quantize_ops=weighted``, ``calibration=mse``, ``float_head``,
+  ``float_weight_layers=8``;
 - ``fp16``: the ``fp16`` pass (float16 weights and compute, float32 I/O).
 
 Measured for each: the task metric (digits: top-1 on the 450 test images and top-1 agreement
@@ -45,6 +47,9 @@ VARIANTS = {
     "q8": {},
     "q8_eq_bc": {"equalize": True, "bias_correction": True},
     "q8_mixed": {"keep_float": ["auto"]},
+    # the PP-OCR fidelity set-up (docs/q8.md, "Fidelity on PP-OCRv4")
+    "q8_ocr": {"fuse_hardswish": True, "quantize_ops": "weighted", "calibration": "mse", "float_head": True,
+               "float_weight_layers": 8},
 }
 # 640x640 pages: rank the detector's layers on 2 samples and try at most 16 (the trials re-run
 # the tool's calibration each time)
@@ -104,7 +109,23 @@ def latency(models: dict, feeds: dict, batches: dict, rounds: int) -> dict:
     return out
 
 
-def bench_model(model_id: str, rounds: int, big_batch: int) -> dict:
+def random_cosine(path: str, opts: "dict | None", shape: tuple, n_held: int) -> float:
+    """Calibrated on 8 standard-normal inputs (seed 0), least cosine to float on ``n_held`` others
+    (seed 1), as tests/test_q8_corpus.py does; ``opts`` None: ORT's tool as a user calls it."""
+    name = onnx.load(path).graph.input[0].name
+    calib = {name: np.random.default_rng(0).standard_normal((8,) + shape).astype(np.float32)}
+    held = {name: np.random.default_rng(1).standard_normal((n_held,) + shape).astype(np.float32)}
+    if opts is None:
+        model = ort_tool(path, calib)
+        if isinstance(model, str):
+            return float("nan")
+    else:
+        model, _ = Q8Pass(**opts).apply(path, calib=calib)
+    return least_cosine(outputs(onnx.load(path), held, 1), outputs(model, held, 1))
+
+
+def bench_model(model_id: str, rounds: int, big_batch: int, variants: "tuple | None" = None,
+                n_held: int = 8, random_inputs: bool = False) -> dict:
     if model_id in DIGITS:
         path = str(digits.fixture_path(model_id))
         calib = dict(np.load(digits.EXAMPLES_DIR / "digits_calib.npz"))
@@ -119,7 +140,7 @@ def bench_model(model_id: str, rounds: int, big_batch: int) -> dict:
 
         path = str(corpus.require(model_id))
         calib = tasks.sample_inputs(model_id, 8)
-        held = tasks.sample_inputs(model_id, 8, seed=99)
+        held = tasks.sample_inputs(model_id, n_held, seed=99)
         run_batch = 1
 
         def task(m):
@@ -137,6 +158,8 @@ def bench_model(model_id: str, rounds: int, big_batch: int) -> dict:
     else:
         models["ort_quantize_static"] = tool
     for name, opts in VARIANTS.items():
+        if variants is not None and name not in variants:
+            continue
         t0 = time.perf_counter()
         if name == "q8_mixed":
             opts = {**opts, **MIXED_OVERRIDES.get(model_id, {})}
@@ -161,6 +184,10 @@ def bench_model(model_id: str, rounds: int, big_batch: int) -> dict:
         row = {"size_bytes": m.ByteSize(), **task(m), "cosine_to_float": least_cosine(ref, out), **info[name]}
         if model_id in DIGITS:
             row["top1_agreement_with_float"] = float(np.mean(out[0].argmax(1) == ref[0].argmax(1)))
+        if random_inputs and model_id not in DIGITS and name not in ("float", "fp16"):
+            shape = next(iter(held.values())).shape[1:]
+            opts = None if name == "ort_quantize_static" else info[name]["options"]
+            row["cosine_random_inputs"] = random_cosine(path, opts, shape, n_held)
         rows[name] = row
     for name in info:
         rows.setdefault(name, info[name])
@@ -177,6 +204,11 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(DIGITS + OCR))
     ap.add_argument("--rounds", type=int, default=15, help="latency rounds (medians)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--held", type=int, default=8, help="held-out rendered PP-OCR inputs for the cosine")
+    ap.add_argument("--random-inputs", action="store_true",
+                    help="also quantize on random inputs and give the cosine on other random inputs")
+    ap.add_argument("--variants", default=None, help="comma-separated q8 variants to run (default: all of "
+                                                     + ",".join(VARIANTS) + "); float, the tool and fp16 always run")
     args = ap.parse_args(argv)
     results = []
     for mid in args.models.split(","):
@@ -184,7 +216,9 @@ def main(argv=None) -> int:
         big = 4 if mid == "ppocrv4_det" else 32
         rounds = {"ppocrv4_det": 3, "ppocrv4_rec": 7}.get(mid, args.rounds)
         t0 = time.perf_counter()
-        results.append({**bench_model(mid, rounds, big), "bench_seconds": time.perf_counter() - t0})
+        variants = tuple(args.variants.split(",")) if args.variants else None
+        results.append({**bench_model(mid, rounds, big, variants, args.held, args.random_inputs),
+                        "bench_seconds": time.perf_counter() - t0})
         print(f"# {mid} done in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
     emit({"machine": machine(), "results": results}, args.out)
     return 0

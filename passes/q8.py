@@ -48,8 +48,9 @@ class Q8Options:
     activations: str = option("uint8", "activation type; uint8 fuses every Conv and Add on x86 ORT",
                               choices=("uint8", "int8"))
     per_channel: bool = option(True, "int8 symmetric weights per output channel (else per tensor)")
-    calibration: str = option("minmax", "activation range calibration method",
-                              choices=("minmax", "percentile", "entropy"))
+    calibration: str = option("minmax", "activation range calibration: ORT's minmax / percentile / entropy, "
+                                        "or mse (per-tensor range of least uint8 rounding error)",
+                              choices=("minmax", "percentile", "entropy", "mse"))
     dynamic: bool = option(False, "ORT dynamic quantization (weights int8, activations quantized at run time)")
     exclude: list[str] = option([], "node names kept in float (same as keep_float with names)")
     fold_bn: bool = option(True, "run slim first, folding BatchNormalization into the preceding Conv/Gemm")
@@ -62,6 +63,15 @@ class Q8Options:
     budget_cosine: float = option(0.99, "keep_float=auto: least cosine similarity of every output to float "
                                         "on the calibration data", min=0.0, max=1.0)
     max_float_layers: int = option(16, "keep_float=auto: at most this many layers kept in float", min=0)
+    fuse_hardswish: bool = option(False, "rewrite decomposed HardSwish (x * clip(x + 3, 0, 6) / 6) into one "
+                                         "HardSwish node (opset 14) before quantizing")
+    quantize_ops: str = option("all", "op types given Q/DQ: all that ORT's tool supports, or only the "
+                                      "weight layers (Conv, MatMul, Gemm) with everything between them float",
+                               choices=("all", "weighted"))
+    float_head: bool = option(False, "keep the weight layer that produces each graph output float")
+    float_weight_layers: int = option(0, "keep this many Conv/MatMul/Gemm layers float: those whose int8 "
+                                         "weights alone lower the output cosine most on the calibration data",
+                                      min=0)
     sensitivity_samples: int = option(0, "keep_float=auto: calibration samples used to rank the layers "
                                          "(0: all; fewer is faster on big inputs)", min=0)
 
@@ -190,20 +200,38 @@ def _quantize_with_ort(model: onnx.ModelProto, o: Q8Options, ctx: PassContext, e
     tool_out = os.path.join(tmp, "tool_q8.onnx") if exclude else dst
     calib = ctx.calibration
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-              "entropy": CalibrationMethod.Entropy}[o.calibration]
+              "entropy": CalibrationMethod.Entropy, "mse": CalibrationMethod.MinMax}[o.calibration]
     act = QuantType.QUInt8 if o.activations == "uint8" else QuantType.QInt8
+    extra = {"WeightSymmetric": True, "ActivationSymmetric": o.activations == "int8"}
+    if o.calibration == "mse":
+        extra["TensorQuantOverrides"] = _mse_overrides(model, calib, ctx)
     quantize_static(src, tool_out, _Reader(calib.inputs, calib.batch).reader,
                     quant_format=QuantFormat.QDQ, per_channel=o.per_channel,
                     activation_type=act, weight_type=QuantType.QInt8,
                     nodes_to_exclude=list(exclude) or None, use_external_data_format=big,
-                    calibrate_method=method,
-                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": o.activations == "int8"})
+                    calibrate_method=method, op_types_to_quantize=_WEIGHTED if o.quantize_ops == "weighted" else None,
+                    extra_options=extra)
     if exclude:
         from .q8_mixed import float_islands
 
         float_producers = {t: n.name for n in model.graph.node for t in n.output}
         float_producers.update({i.name: i.name for i in model.graph.input})
         _save(float_islands(onnx.load(tool_out), list(exclude), float_producers), dst)
+
+
+_WEIGHTED = ["Conv", "ConvTranspose", "MatMul", "Gemm"]
+
+
+def _mse_overrides(model: onnx.ModelProto, calib, ctx: PassContext) -> dict:
+    """calibration=mse ranges, cached per model bytes (mixed precision calls the tool many times)."""
+    import hashlib
+
+    from .q8_ranges import mse_overrides
+
+    key = "q8_mse_ranges:" + hashlib.sha1(model.SerializeToString()).hexdigest()
+    if key not in ctx.cache:
+        ctx.cache[key] = mse_overrides(model, calib)
+    return ctx.cache[key]
 
 
 @register_pass
@@ -238,6 +266,12 @@ class Q8Pass(Pass):
 
         names = {n.name for n in model.graph.node}
         wanted = list(dict.fromkeys(list(o.exclude) + [n for n in o.keep_float if n != "auto"]))
+        if o.float_head:
+            from .q8_mixed import head_layers
+
+            heads = [n for n in head_layers(model) if n not in wanted]
+            result.stats["float_head"] = heads
+            wanted += heads
         from .q8_mixed import with_fused_activations
 
         keep = with_fused_activations(model, [n for n in wanted if n in names])
@@ -258,6 +292,21 @@ class Q8Pass(Pass):
                                 f"{str(exc).strip().splitlines()[0]}") from None
             result.stats["opset_upgraded"] = f"{opset}->13"
 
+        if o.fuse_hardswish:
+            from .q8_fuse import fuse_hardswish
+
+            model, fused = fuse_hardswish(model)
+            for name in fused:
+                result.change(name, "hardswish_fused")
+        if o.float_weight_layers and not o.dynamic:
+            from .q8_mixed import weight_sensitive_layers
+
+            chosen, sensitivity = weight_sensitive_layers(model, ctx.calibration, o.float_weight_layers, set(keep))
+            result.stats["float_weight_layers"] = chosen
+            for name in chosen:
+                result.change(name, "kept_float", sensitivity=sensitivity[name],
+                              reason="int8 weights of this layer alone cost the most output cosine")
+            keep += [n for n in with_fused_activations(model, chosen) if n not in keep]
         if o.equalize:
             from .q8_equalize import equalize
 

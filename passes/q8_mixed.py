@@ -249,3 +249,67 @@ def choose_float_layers(model: onnx.ModelProto, quantize: Callable[[onnx.ModelPr
     chosen = with_fused_activations(model, kept)
     report.update(cosine=best, budget_met=best >= budget, kept=chosen)
     return chosen, report
+
+
+# Ops a graph output may pass through after the last weight layer (float_head walks back over them).
+_HEAD_PASSTHROUGH = {"Add", "Mul", "Sub", "Div", "Softmax", "LogSoftmax", "Sigmoid", "Relu", "Clip", "Reshape",
+                     "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "HardSwish", "Resize"}
+
+
+def head_layers(model: onnx.ModelProto) -> list[str]:
+    """The Conv/ConvTranspose/MatMul/Gemm nearest to each graph output, walking back over element-wise
+    and layout ops (the activation path only: other inputs are constants or shapes)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name for t in model.graph.initializer}
+    out: list[str] = []
+    for g_out in model.graph.output:
+        t, seen = g_out.name, 0
+        while t in producer and seen < 32:
+            node, seen = producer[t], seen + 1
+            if node.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm"):
+                if node.name not in out:
+                    out.append(node.name)
+                break
+            if node.op_type not in _HEAD_PASSTHROUGH:
+                break
+            live = [i for i in node.input if i and i not in inits
+                    and not (i in producer and producer[i].op_type in ("Constant", "Shape", "Concat", "Cast"))]
+            if len(live) != 1:
+                break
+            t = live[0]
+    return out
+
+
+def weight_sensitive_layers(model: onnx.ModelProto, calib, count: int, exclude: "set[str]" = frozenset(),
+                            ) -> tuple[list[str], dict[str, float]]:
+    """The ``count`` Conv/ConvTranspose/MatMul/Gemm layers whose int8 weight rounding alone (every
+    other weight and all activations float) lowers the least output cosine on ``calib`` most.
+
+    Unlike the ``keep_float=auto`` ranking this isolates the weight grid: on PP-OCRv4 rec int8
+    weights alone cap the output at ~0.991, mostly through a few 1x1 convs with an outlier input
+    channel, and those are the layers worth their float cost. One forward pass per layer.
+    """
+    from .q8_equalize import quantize_weight_like_ort, weight_axis
+
+    ref = _outputs(model, calib, optimize=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    sensitivity: dict[str, float] = {}
+    for node in model.graph.node:
+        if (node.op_type not in ("Conv", "ConvTranspose", "MatMul", "Gemm") or node.name in exclude
+                or len(node.input) < 2 or node.input[1] not in inits or readers.get(node.input[1], 0) != 1):
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        if w.dtype != np.float32 or w.ndim < 2:
+            continue
+        axis = 1 if node.op_type == "ConvTranspose" else weight_axis(node)
+        trial = onnx.ModelProto()
+        trial.CopyFrom(model)
+        target = next(t for t in trial.graph.initializer if t.name == node.input[1])
+        target.CopyFrom(numpy_helper.from_array(quantize_weight_like_ort(w, axis), node.input[1]))
+        sensitivity[node.name] = 1.0 - least_cosine(ref, _outputs(trial, calib, optimize=False))
+    ranked = sorted(sensitivity, key=lambda n: -sensitivity[n])
+    return ranked[:count], dict(sorted(sensitivity.items(), key=lambda kv: -kv[1]))
