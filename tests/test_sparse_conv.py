@@ -88,6 +88,32 @@ def test_direct_conv_portable_path_in_the_ep(ep_kernels):
     assert runs["direct"] == 2
 
 
+# Convs the direct path splits into input-channel blocks (kernels_conv.cc: kL1Budget /
+# (kh * (64 + kw - 1) * 4) channels per block, 33 for 3x3, 13 for 7x7; here 3 blocks each): the
+# partial sums must carry over from block to block. Maps of 2-3 64-position tiles.
+BLOCKED_FORMS = {
+    "3x3-70ch": ((70, 12, 13), 8, (3, 3), dict(pads=[1, 1, 1, 1])),
+    "7x7-30ch": ((30, 11, 10), 6, (7, 7), dict(pads=[3, 2, 3, 4])),
+}
+
+
+@needs_ep
+@pytest.mark.parametrize("isa", ["auto", "portable"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("form", list(BLOCKED_FORMS))
+def test_direct_conv_channel_blocks_match_ort(ep_kernels, form, batch, sparsity, isa):
+    shape, oc, kernel, attrs = BLOCKED_FORMS[form]
+    rng = np.random.default_rng(batch + int(sparsity * 100) + shape[0])
+    model, feeds = conv_model(rng, (batch, *shape), oc, kernel, sparsity, **attrs)
+    ep_kernels.set_isa(isa)
+    try:
+        _, runs = _runs_delta(ep_kernels, lambda: _check(model, feeds, ["Conv", "Relu"], format="csr"))
+    finally:
+        ep_kernels.set_isa("auto")
+    assert runs == {"direct": batch, "im2col": 0, "pointwise": 0}
+
+
 @needs_ep
 @pytest.mark.parametrize("form, path", [(dict(strides=[2, 2], pads=[1, 1, 1, 1]), "im2col"),
                                         (dict(strides=[1, 2]), "im2col"),
@@ -168,6 +194,34 @@ def test_direct_kernel_threads_and_isas_against_float64():
                 ref = _reference(w, x, pads, dil, bias, True)
                 assert ys[0].shape == ref.shape
                 assert np.abs(ys[0] - ref).max() <= 1e-5 * max(np.abs(ref).max(), 1e-30), (isa, sparsity)
+    finally:
+        k.set_isa("auto")
+
+
+def test_direct_kernel_channel_blocks_against_float64():
+    """Standalone build: 70 input channels (3 blocks of a 3x3 conv) and 30 (3 blocks of a 7x7),
+    both ISA paths, 1 and 3 threads, against float64 within 1e-5 relative."""
+    try:
+        k = sk.Kernels(sk.build_standalone())
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    rng = np.random.default_rng(9)
+    k.set_isa("auto")
+    isas = ["portable"] if k.isa() == "portable" else ["avx2+fma", "portable"]
+    try:
+        for isa in isas:
+            k.set_isa(isa)
+            for c, kernel, pads in ((70, 3, (1, 1, 1, 1)), (30, 7, (3, 2, 3, 4))):
+                for sparsity in (0.5, 0.9):
+                    w = sparse_weight(rng, (9, c, kernel, kernel), sparsity, 0)
+                    x = rng.standard_normal((2, c, 12, 11)).astype(np.float32)
+                    bias = rng.standard_normal(9).astype(np.float32)
+                    ref = _reference(w, x, pads, (1, 1), bias, True)
+                    for threads in (1, 3):
+                        y = k.direct_conv(w, x, pads=pads, bias=bias, relu=True, threads=threads)
+                        assert y.shape == ref.shape
+                        err = np.abs(y - ref).max()
+                        assert err <= 1e-5 * max(np.abs(ref).max(), 1e-30), (isa, c, kernel, sparsity, threads, err)
     finally:
         k.set_isa("auto")
 

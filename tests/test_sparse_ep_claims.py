@@ -8,6 +8,7 @@ import ctypes
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -284,3 +285,84 @@ def test_layer_that_mlas_wins_at_its_declared_batch_stays_with_ort():
     check(model, feeds, ["Gemm", "Relu"], dense_fallback="off")
     model, feeds = gemm_model(rng, 32, 256, 128, 0.9, c_shape=("n",))
     check(model, feeds, ["Gemm", "Relu"])
+
+
+# --- one initializer, two orientations; empty weights ----------------------------------------
+
+@needs_ep
+def test_shared_weight_counts_follow_each_nodes_orientation(tmp_path):
+    # W (128 x 256) with 1x4 structure along its rows feeds MatMul(x, W), whose kernels' W is
+    # W^T (4x1 strips), and Gemm(z, W, transB=1), whose kernels' W is W itself (1x4 blocks).
+    # Each layer must be given the format of its own orientation, not the first node's counts.
+    rng = np.random.default_rng(56)
+    blocks = rng.random((128, 64)) >= 0.7
+    w = (np.repeat(blocks, 4, axis=1) * rng.standard_normal((128, 256))).astype(np.float32)
+    expect = {"mm": [choose_format(w.T, n) for n in (1, 8, 64)], "fc": [choose_format(w, n) for n in (1, 8, 64)]}
+    assert expect == {"mm": ["block4x1"] * 3, "fc": ["block1x4"] * 3}
+    nodes = [h.make_node("MatMul", ["x", "W"], ["y"], name="mm"),
+             h.make_node("Gemm", ["z", "W"], ["u"], transB=1, name="fc")]
+    model = make_model(nodes, [vi("x", ["N", 128]), vi("z", ["N", 256])], [vi("y", ["N", 256]), vi("u", ["N", 128])],
+                       [init("W", w)])
+    log = compile_log(tmp_path, model, max_formats=3, dense_fallback="off")
+    assert {name: log[name]["formats"] for name in ("mm", "fc")} == expect
+    sess = runtime.session(model, min_sparsity=0.0, max_formats=3, dense_fallback="off")
+    assert sorted(n["op_type"] for n in runtime.claimed_nodes(sess)) == ["Gemm", "MatMul"]
+    for batch in (1, 5, 32):
+        feeds = {"x": rng.standard_normal((batch, 128)).astype(np.float32),
+                 "z": rng.standard_normal((batch, 256)).astype(np.float32)}
+        for ref, got in zip(run(model, feeds), sess.run(None, feeds)):
+            assert float(np.abs(got - ref).max()) <= 1e-5 * float(np.abs(ref).max())
+
+
+EMPTY_CONV_SCRIPT = """
+import sys, numpy as np, onnx, onnxruntime as ort
+from onnxslim_cnn import runtime
+model = onnx.load(sys.argv[1])
+x = np.random.default_rng(0).standard_normal((2, 3, 9, 9)).astype(np.float32)
+sess = runtime.session(model, min_sparsity=0.0, format=sys.argv[2])
+got = sess.run(None, {"x": x})[0]
+ref = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+assert got.shape == ref.shape == (2, 0, 5, 5), (got.shape, ref.shape)
+print("claimed", [n["op_type"] for n in runtime.claimed_nodes(sess)])
+"""
+
+
+@needs_ep
+@pytest.mark.parametrize("fmt", ["csr", "block4x1"])
+def test_conv_without_output_channels_is_left_to_ort(tmp_path, fmt):
+    # W of shape (0, 3, 3, 3): no weights to run sparse; claiming it divided by zero (SIGFPE),
+    # so the model runs in a subprocess
+    from test_sparse_ep import model_unknown_output
+
+    nodes = [h.make_node("Conv", ["x", "W"], ["y"], strides=[2, 2], pads=[1, 1, 1, 1], name="conv")]
+    model = model_unknown_output(nodes, (2, 3, 9, 9), [init("W", np.zeros((0, 3, 3, 3), np.float32))])
+    path = tmp_path / "empty.onnx"
+    path.write_bytes(model.SerializeToString())
+    out = subprocess.run([sys.executable, "-c", EMPTY_CONV_SCRIPT, str(path), fmt], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "claimed []"
+
+
+@needs_ep
+def test_dense_fallback_pools_do_not_spin():
+    # Every fallback layer runs in a private ORT session with its own intra-op pool; spinning
+    # workers there would burn a core each between runs. With the main session's pool not
+    # spinning either, the process must use well under one core while it mostly sleeps (measured
+    # on a 2-core VM: 0.37-0.45 CPU s per wall s without spinning, 1.0-1.08 with it).
+    rng = np.random.default_rng(57)
+    nodes = [h.make_node("MatMul", ["x", f"W{i}"], [f"y{i}"], name=f"mm{i}") for i in range(6)]
+    model = make_model(nodes, [vi("x", ["N", 256])], [vi(f"y{i}", ["N", 256]) for i in range(6)],
+                       [init(f"W{i}", sparse_weight(rng, (256, 256), 0.7)) for i in range(6)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = runtime.session(model, min_sparsity=0.0, sess_options=so, dense_fallback="always")
+    assert len(runtime.claimed_nodes(sess)) == 6
+    x = rng.standard_normal((32, 256)).astype(np.float32)
+    for _ in range(20):
+        sess.run(None, {"x": x})
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(300):
+        sess.run(None, {"x": x})
+        time.sleep(0.0005)
+    assert (time.process_time() - cpu) / (time.perf_counter() - wall) < 0.75

@@ -44,7 +44,8 @@ inline OrtStatus* MakeStatus(const std::string& msg, OrtErrorCode code = ORT_EP_
 }
 
 // ChooseFormat's counts of each weight, from GetCapability to Compile (one pass over a weight,
-// not two): initializer name -> (its data pointer, counts).
+// not two): initializer name + the kernels' rows x cols and orientation (ep_graph.cc WeightCounts)
+// -> (its data pointer, counts).
 struct WeightCountsCache {
   std::mutex mutex;
   std::map<std::string, std::pair<const float*, onnxslim_sparse::FormatCounts>> by_weight;

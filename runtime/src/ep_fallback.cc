@@ -62,6 +62,10 @@ DenseFallback::DenseFallback(const float* weight, int64_t dim0, int64_t dim1, bo
   Ort::SessionOptions options;
   options.SetIntraOpNumThreads(threads);
   options.SetInterOpNumThreads(1);
+  // Each fallback layer's session has its own intra-op pool (a plugin cannot create ORT's global
+  // pools: they need the environment built with them). Its workers must not spin between runs
+  // and take cores from the main session's pool and the other layers' pools.
+  options.AddConfigEntry("session.intra_op.allow_spinning", "0");
   session_ = Ort::Session(env_, model, options);
 }
 

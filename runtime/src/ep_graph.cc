@@ -8,6 +8,7 @@
 #include <mutex>
 #include <optional>
 #include <set>
+#include <string>
 
 #include "ep_fallback.h"
 #include "ep_weight.h"
@@ -146,7 +147,7 @@ std::optional<Tensor> ClaimableWeight(const Ort::ConstNode& node, const std::str
   const int wi = op == "Conv" ? (inputs[0].IsConstantInitializer() ? -1 : 1) : WeightInput(inputs);
   if (wi < 0 || !IsFloat(inputs[1 - wi]) || !IsFloat(outputs[0])) return std::nullopt;
   auto w = ConstantFloat(inputs[wi]);
-  if (!w) return std::nullopt;
+  if (!w || w->size == 0) return std::nullopt;  // no elements (e.g. 0 output channels): nothing to run sparse
   if (op == "Gemm") {
     if (w->dims.size() != 2) return std::nullopt;
     if (inputs.size() > 2 && inputs[2] != nullptr) {
@@ -236,12 +237,15 @@ KernelWeight KernelWeightOf(const Ort::ConstNode& node, const Tensor& t) {
 
 // The cost model's format for each column regime (ep_weight.h buckets). The counts pass over the
 // whole weight (transposing a panel at a time when it is stored K x M), so GetCapability's
-// result is kept for Compile, keyed by initializer name and checked against its data pointer.
+// result is kept for Compile, keyed by initializer name and the kernels' view of it (one
+// initializer can feed x * W and W^T * z: transposed counts differ) and checked against its data
+// pointer.
 onnxslim_sparse::FormatCounts WeightCounts(const Ort::ConstValueInfo& weight, const KernelWeight& k,
                                            const EpConfig& config) {
   onnxslim_sparse::FormatCounts counts;
   bool cached = false;
-  const std::string key = weight.GetName();
+  const std::string key = weight.GetName() + '|' + std::to_string(k.view.rows) + 'x' + std::to_string(k.view.cols) +
+                          (k.view.transposed ? "t" : "");
   if (config.counts) {
     std::lock_guard<std::mutex> lock(config.counts->mutex);
     auto it = config.counts->by_weight.find(key);
