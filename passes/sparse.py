@@ -2,7 +2,9 @@
 
 For every Gemm / MatMul / Conv that the sparse execution provider (onnxslim_cnn.runtime) would
 claim at ``min_sparsity``, the pass reports the layer's sparsity and the speedup over ORT's
-dense kernel expected from the bench (bench/results_sparse.json, batch 1, one thread) and, with
+dense kernel expected at batch 1, one thread: for a Conv the EP's own conv cost model (read from
+the native library; a conv it predicts to lose is reported as skipped, since the EP leaves it to
+ORT), otherwise, or without the library, the bench's medians (EXPECTED_SPEEDUP) and, with
 ``store=true``, keeps its weight sparse in the file so the file shrinks too: an ONNX Constant
 node with a ``sparse_value`` (COO), which ONNX Runtime densifies at load, so the model stays
 standard ONNX (why not a graph ``sparse_initializer``: see onnxslim_cnn/sparse_storage.py).
@@ -105,6 +107,56 @@ def claim_problem(node: gs.Node) -> "str | None":
     return None
 
 
+def conv_relative_cost(node: gs.Node, nonzeros: int) -> "float | None":
+    """The EP's own conv claim model (ConvRelativeCost in runtime/src/kernels_choose.cc, through
+    the library's C ABI so the pass and the EP cannot disagree): expected time of the sparse run
+    over ORT's dense Conv; >= 1 means the EP (format=auto) leaves the layer to ORT. None when
+    the native library is not built."""
+    fn = _conv_cost_function()
+    if fn is None:
+        return None
+    w = node.inputs[1]
+    oc, ic = int(w.shape[0]), int(w.shape[1])
+    kh, kw = (int(w.shape[2]), int(w.shape[3])) if len(w.shape) == 4 else (1, int(w.shape[2]))
+    strides = list(node.attrs.get("strides", []))
+    pads = list(node.attrs.get("pads", []))
+    stride1 = all(int(v) == 1 for v in strides)
+    no_pads = node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET") or all(int(v) == 0 for v in pads)
+    pointwise = stride1 and kh == 1 and kw == 1 and no_pads
+    direct = stride1 and not pointwise
+
+    def spatial(t, default):  # same reading of the shapes as ep_graph.cc ConvPathOf: 16 when unknown
+        shape = list(t.shape) if t is not None and t.shape is not None else []
+        if len(shape) != len(w.shape) or not all(isinstance(d, int) and d > 0 for d in shape[2:]):
+            return default
+        return (int(shape[2]), int(shape[3])) if len(shape) == 4 else (1, int(shape[2]))
+
+    in_h, in_w = spatial(node.inputs[0], (16, 16))
+    out_h, out_w = spatial(node.outputs[0], (in_h, in_w))
+    return float(fn(nonzeros, oc, ic, kh, kw, out_h, out_w, in_h, in_w, int(direct)))
+
+
+_COST_FUNCTION: list = []
+
+
+def _conv_cost_function():
+    if not _COST_FUNCTION:
+        fn = None
+        try:
+            import ctypes
+
+            from onnxslim_cnn.runtime.loader import library_path
+
+            lib = ctypes.CDLL(str(library_path()))
+            fn = lib.onnxslim_sparse_conv_relative_cost
+            fn.restype = ctypes.c_double
+            fn.argtypes = [ctypes.c_int64] * 9 + [ctypes.c_int]
+        except Exception:  # library not built / too old: the pass falls back to the measured table
+            fn = None
+        _COST_FUNCTION.append(fn)
+    return _COST_FUNCTION[0]
+
+
 @register_pass
 class SparsePass(Pass):
     name = "sparse"
@@ -131,11 +183,19 @@ class SparsePass(Pass):
             if sparsity < o.min_sparsity:
                 result.skip(node.name, f"sparsity {sparsity:.3f} < min_sparsity {o.min_sparsity}")
                 continue
-            layers += 1
             nnz = int(np.count_nonzero(values))
+            speedup = expected_speedup("conv" if node.op == "Conv" else "fc", sparsity)
+            if node.op == "Conv":
+                cost = conv_relative_cost(node, nnz)
+                if cost is not None and cost >= 1.0:
+                    result.skip(node.name, f"the EP's conv cost model expects {1.0 / cost:.2f}x of ORT's dense Conv "
+                                           "(format=auto leaves it to ORT)")
+                    continue
+                if cost is not None:
+                    speedup = round(1.0 / cost, 2)
+            layers += 1
             coo = nnz * (values.itemsize + INDEX_BYTES)
-            details = {"sparsity": round(sparsity, 4), "shape": list(values.shape),
-                       "expected_speedup": expected_speedup("conv" if node.op == "Conv" else "fc", sparsity)}
+            details = {"sparsity": round(sparsity, 4), "shape": list(values.shape), "expected_speedup": speedup}
             if o.store and coo < values.nbytes and w.name not in graph.sparse_initializers:
                 graph.sparse_initializers.add(w.name)
                 stored_bytes += coo
@@ -144,6 +204,8 @@ class SparsePass(Pass):
                 result.change(node.name, "sparse weight stored", **details)
             report.append({"node": node.name, **details})
         result.stats["layers"] = layers
+        result.stats["conv_speedup_source"] = ("EP conv cost model" if _conv_cost_function() is not None
+                                               else "bench medians (native library not built)")
         result.stats["expected"] = report  # every layer the EP would take, stored sparse or not
         result.stats["bytes_saved"] = int(dense_bytes - stored_bytes)
         return result

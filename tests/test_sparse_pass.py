@@ -13,6 +13,7 @@ from onnx import helper as h
 import onnxslim_cnn
 from onnxslim_cnn import cli, runtime
 from onnxslim_cnn.analysis.cost import count_params
+from onnxslim_cnn.passes.sparse import SparsePass
 from onnxslim_cnn.sparse_storage import densify, store_sparse, to_dense, to_sparse
 
 REASON = runtime.unavailable_reason()
@@ -157,3 +158,32 @@ def test_sparse_pass_takes_a_constant_left_operand_like_the_ep():
     if REASON is None:  # and the EP takes exactly those two from the stored file
         sess = runtime.session(out, min_sparsity=0.8)
         assert sorted(n["name"] for n in runtime.claimed_nodes(sess)) == ["left_gemm", "left_mm"]
+
+
+def _conv_model(sparsity, seed=6):
+    """64->64 3x3 conv on 56x56 with ``sparsity`` zeros (the EP's cost-model test shape)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((64, 64, 3, 3)).astype(np.float32)
+    w[rng.random(w.shape) < sparsity] = 0.0
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64, 56, 56])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64, 56, 56])
+    node = onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])
+    graph = onnx.helper.make_graph([node], "g", [x], [y], [onnx.numpy_helper.from_array(w, "w")])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+@pytest.mark.skipif(not runtime.available(), reason="the native sparse EP library is not built")
+@pytest.mark.parametrize("sparsity", [0.2, 0.95])
+def test_sparse_pass_agrees_with_the_eps_conv_claims(sparsity):
+    """The pass applies the EP's conv cost model: a conv the EP leaves to ORT is skipped with the
+    model's figure, a claimed one reports the model's speedup (not the table's)."""
+    model = _conv_model(sparsity)
+    _, result = SparsePass(min_sparsity=0.0, store=False).apply(model)
+    claimed = [n["name"] for n in runtime.claimed_nodes(runtime.session(model, min_sparsity=0.0))]
+    reported = [e["node"] for e in result.stats["expected"]]
+    assert reported == claimed == ([] if sparsity < 0.5 else ["conv"])
+    assert result.stats["conv_speedup_source"] == "EP conv cost model"
+    if reported:
+        assert result.stats["expected"][0]["expected_speedup"] > 1.0
+    else:
+        assert "conv cost model expects" in result.skipped[0]["reason"]
