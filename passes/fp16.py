@@ -131,8 +131,7 @@ class Fp16Pass(Pass):
             if not inp.outputs:
                 continue
             half = gs.Variable(graph.unique_name(f"{inp.name}_fp16"), dtype=np.float16, shape=inp.shape)
-            cast = gs.Node("Cast", graph.unique_name(f"{inp.name}_to_fp16"), attrs={"to": onnx.TensorProto.FLOAT16},
-                           inputs=[inp], outputs=[half])
+            cast = _cast(graph, f"{inp.name}_to_fp16", inp, half, onnx.TensorProto.FLOAT16)
             graph.replace_uses(inp, half)
             cast.inputs[0] = inp  # replace_uses rewired the Cast too
             graph.nodes.append(cast)
@@ -151,9 +150,7 @@ class Fp16Pass(Pass):
                 if t is out:
                     producer.outputs[j] = half
             graph.replace_uses(out, half)  # internal consumers of the output read float16
-            cast = gs.Node("Cast", graph.unique_name(f"{out.name}_to_fp32"), attrs={"to": onnx.TensorProto.FLOAT},
-                           inputs=[half], outputs=[out])
-            graph.nodes.append(cast)
+            graph.nodes.append(_cast(graph, f"{out.name}_to_fp32", half, out, onnx.TensorProto.FLOAT))
             result.change(out.name, "output_cast")
         # 5. nodes kept in float32
         for node in blocked:
@@ -164,6 +161,11 @@ class Fp16Pass(Pass):
         if result.changed:
             graph.toposort()
         return result
+
+
+def _cast(graph: Graph, hint: str, src: gs.Tensor, dst: gs.Variable, to: int) -> gs.Node:
+    """A Cast node ``src -> dst`` (not yet in the graph) with a unique name from ``hint``."""
+    return gs.Node("Cast", graph.unique_name(hint), attrs={"to": to}, inputs=[src], outputs=[dst])
 
 
 def _keep_float32(graph: Graph, node: gs.Node, result: PassResult) -> None:
@@ -183,8 +185,7 @@ def _keep_float32(graph: Graph, node: gs.Node, result: PassResult) -> None:
             node.inputs[i] = producer.inputs[0]
             continue
         wide = gs.Variable(graph.unique_name(f"{t.name}_fp32"), dtype=np.float32, shape=t.shape)
-        graph.nodes.append(gs.Node("Cast", graph.unique_name(f"{node.name}_in{i}_to_fp32"),
-                                   attrs={"to": onnx.TensorProto.FLOAT}, inputs=[t], outputs=[wide]))
+        graph.nodes.append(_cast(graph, f"{node.name}_in{i}_to_fp32", t, wide, onnx.TensorProto.FLOAT))
         node.inputs[i] = wide
     for j, t in enumerate(list(node.outputs)):
         if _dtype(t.dtype) != f16:
@@ -201,8 +202,7 @@ def _keep_float32(graph: Graph, node: gs.Node, result: PassResult) -> None:
             wide = gs.Variable(graph.unique_name(f"{t.name}_fp32"), dtype=np.float32, shape=t.shape)
         node.outputs[j] = wide
         if graph.consumers(t) or graph.is_graph_output(t):
-            graph.nodes.append(gs.Node("Cast", graph.unique_name(f"{node.name}_out{j}_to_fp16"),
-                                       attrs={"to": onnx.TensorProto.FLOAT16}, inputs=[wide], outputs=[t]))
+            graph.nodes.append(_cast(graph, f"{node.name}_out{j}_to_fp16", wide, t, onnx.TensorProto.FLOAT16))
     result.change(node.name, "kept_float32", op=node.op)
 
 

@@ -14,6 +14,7 @@ The graph's computation is unchanged.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -136,25 +137,20 @@ def conv_relative_cost(node: gs.Node, nonzeros: int) -> "float | None":
     return float(fn(nonzeros, oc, ic, kh, kw, out_h, out_w, in_h, in_w, int(direct)))
 
 
-_COST_FUNCTION: list = []
-
-
+@functools.cache
 def _conv_cost_function():
-    if not _COST_FUNCTION:
-        fn = None
-        try:
-            import ctypes
+    """ConvRelativeCost from the installed EP library, loaded once; None without the library."""
+    try:
+        import ctypes
 
-            from onnxslim_cnn.runtime.loader import library_path
+        from onnxslim_cnn.runtime.loader import library_path
 
-            lib = ctypes.CDLL(str(library_path()))
-            fn = lib.onnxslim_sparse_conv_relative_cost
-            fn.restype = ctypes.c_double
-            fn.argtypes = [ctypes.c_int64] * 9 + [ctypes.c_int]
-        except Exception:  # library not built / too old: the pass falls back to the measured table
-            fn = None
-        _COST_FUNCTION.append(fn)
-    return _COST_FUNCTION[0]
+        fn = ctypes.CDLL(str(library_path())).onnxslim_sparse_conv_relative_cost
+    except Exception:  # library not built / too old: the pass falls back to the measured table
+        return None
+    fn.restype = ctypes.c_double
+    fn.argtypes = [ctypes.c_int64] * 9 + [ctypes.c_int]
+    return fn
 
 
 @register_pass
@@ -179,11 +175,11 @@ class SparsePass(Pass):
                 continue
             w = node.inputs[weight_input(node)]
             values = np.asarray(w.values)
-            sparsity = float(1.0 - np.count_nonzero(values) / values.size) if values.size else 0.0
+            nnz = int(np.count_nonzero(values))
+            sparsity = float(1.0 - nnz / values.size) if values.size else 0.0
             if sparsity < o.min_sparsity:
                 result.skip(node.name, f"sparsity {sparsity:.3f} < min_sparsity {o.min_sparsity}")
                 continue
-            nnz = int(np.count_nonzero(values))
             speedup = expected_speedup("conv" if node.op == "Conv" else "fc", sparsity)
             if node.op == "Conv":
                 cost = conv_relative_cost(node, nnz)

@@ -153,6 +153,27 @@ def test_cost_model_declines_convs_that_lose(ep_kernels):
     assert cost(0, 1) > 0.0  # the padded copy and the output store are never free
 
 
+@pytest.fixture(scope="module")
+def standalone_build():
+    """The kernels built standalone from the current sources (skips without a compiler)."""
+    try:
+        return sk.Kernels(sk.build_standalone())
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture
+def standalone(standalone_build):
+    yield standalone_build
+    standalone_build.set_isa("auto")  # a test that switched ISA (and maybe failed) leaves auto behind
+
+
+def _isas(k) -> list:
+    """Every ISA path of the standalone kernels this CPU can run."""
+    k.set_isa("auto")
+    return ["portable"] if k.isa() == "portable" else ["avx2+fma", "portable"]
+
+
 def _reference(w, x, pads, dilations, bias, relu):
     """float64 direct definition of a stride-1 conv; pads = (top, left, bottom, right)."""
     oc, _, kh, kw = w.shape
@@ -169,68 +190,49 @@ def _reference(w, x, pads, dilations, bias, relu):
     return np.maximum(y, 0.0) if relu else y
 
 
-def test_direct_kernel_threads_and_isas_against_float64():
+def test_direct_kernel_threads_and_isas_against_float64(standalone):
     """Standalone build of the current sources: every thread count gives the same bits, both ISA
     paths match float64 within 1e-5 relative, incl. all-zero filters and a 100 % sparse bank."""
-    try:
-        k = sk.Kernels(sk.build_standalone())
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+    k = standalone
     rng = np.random.default_rng(8)
-    k.set_isa("auto")
-    isas = ["portable"] if k.isa() == "portable" else ["avx2+fma", "portable"]
-    try:
-        for isa in isas:
-            k.set_isa(isa)
-            for sparsity in (0.0, 0.9, 1.0):
-                w = sparse_weight(rng, (37, 5, 3, 3), sparsity, 0)
-                x = rng.standard_normal((2, 5, 17, 29)).astype(np.float32)
-                bias = rng.standard_normal(37).astype(np.float32)
-                pads, dil = (1, 2, 0, 1), (2, 1)
-                ys = [k.direct_conv(w, x, pads=pads, dilations=dil, bias=bias, relu=True, threads=t)
-                      for t in (1, 2, 3, 8)]
-                for y in ys[1:]:
-                    assert np.array_equal(y, ys[0])
-                ref = _reference(w, x, pads, dil, bias, True)
-                assert ys[0].shape == ref.shape
-                assert np.abs(ys[0] - ref).max() <= 1e-5 * max(np.abs(ref).max(), 1e-30), (isa, sparsity)
-    finally:
-        k.set_isa("auto")
+    for isa in _isas(k):
+        k.set_isa(isa)
+        for sparsity in (0.0, 0.9, 1.0):
+            w = sparse_weight(rng, (37, 5, 3, 3), sparsity, 0)
+            x = rng.standard_normal((2, 5, 17, 29)).astype(np.float32)
+            bias = rng.standard_normal(37).astype(np.float32)
+            pads, dil = (1, 2, 0, 1), (2, 1)
+            ys = [k.direct_conv(w, x, pads=pads, dilations=dil, bias=bias, relu=True, threads=t)
+                  for t in (1, 2, 3, 8)]
+            for y in ys[1:]:
+                assert np.array_equal(y, ys[0])
+            ref = _reference(w, x, pads, dil, bias, True)
+            assert ys[0].shape == ref.shape
+            assert np.abs(ys[0] - ref).max() <= 1e-5 * max(np.abs(ref).max(), 1e-30), (isa, sparsity)
 
 
-def test_direct_kernel_channel_blocks_against_float64():
+def test_direct_kernel_channel_blocks_against_float64(standalone):
     """Standalone build: 70 input channels (3 blocks of a 3x3 conv) and 30 (3 blocks of a 7x7),
     both ISA paths, 1 and 3 threads, against float64 within 1e-5 relative."""
-    try:
-        k = sk.Kernels(sk.build_standalone())
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+    k = standalone
     rng = np.random.default_rng(9)
-    k.set_isa("auto")
-    isas = ["portable"] if k.isa() == "portable" else ["avx2+fma", "portable"]
-    try:
-        for isa in isas:
-            k.set_isa(isa)
-            for c, kernel, pads in ((70, 3, (1, 1, 1, 1)), (30, 7, (3, 2, 3, 4))):
-                for sparsity in (0.5, 0.9):
-                    w = sparse_weight(rng, (9, c, kernel, kernel), sparsity, 0)
-                    x = rng.standard_normal((2, c, 12, 11)).astype(np.float32)
-                    bias = rng.standard_normal(9).astype(np.float32)
-                    ref = _reference(w, x, pads, (1, 1), bias, True)
-                    for threads in (1, 3):
-                        y = k.direct_conv(w, x, pads=pads, bias=bias, relu=True, threads=threads)
-                        assert y.shape == ref.shape
-                        err = np.abs(y - ref).max()
-                        assert err <= 1e-5 * max(np.abs(ref).max(), 1e-30), (isa, c, kernel, sparsity, threads, err)
-    finally:
-        k.set_isa("auto")
+    for isa in _isas(k):
+        k.set_isa(isa)
+        for c, kernel, pads in ((70, 3, (1, 1, 1, 1)), (30, 7, (3, 2, 3, 4))):
+            for sparsity in (0.5, 0.9):
+                w = sparse_weight(rng, (9, c, kernel, kernel), sparsity, 0)
+                x = rng.standard_normal((2, c, 12, 11)).astype(np.float32)
+                bias = rng.standard_normal(9).astype(np.float32)
+                ref = _reference(w, x, pads, (1, 1), bias, True)
+                for threads in (1, 3):
+                    y = k.direct_conv(w, x, pads=pads, bias=bias, relu=True, threads=threads)
+                    assert y.shape == ref.shape
+                    err = np.abs(y - ref).max()
+                    assert err <= 1e-5 * max(np.abs(ref).max(), 1e-30), (isa, c, kernel, sparsity, threads, err)
 
 
-def test_direct_kernel_errors():
-    try:
-        k = sk.Kernels(sk.build_standalone())
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+def test_direct_kernel_errors(standalone):
+    k = standalone
     assert not k.lib.onnxslim_sparse_conv_create(None, 4, 0, 3, 3)
     assert "positive in_channels" in k.error()
     with pytest.raises(sk.KernelError, match="positive sizes"):
