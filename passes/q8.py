@@ -72,6 +72,11 @@ class Q8Options:
     float_weight_layers: int = option(0, "keep this many Conv/MatMul/Gemm layers float: those whose int8 "
                                          "weights alone lower the output cosine most on the calibration data",
                                       min=0)
+    refit_weights: bool = option(False, "after the tool, refit each Conv/MatMul/Gemm's int8 weights and bias, layer "
+                                        "by layer, to reproduce the float output from the int8 model's own "
+                                        "inputs on the calibration data (GPTQ rounding on the tool's grid)")
+    refit_damp: float = option(0.3, "refit_weights: ridge weight (times the mean input energy) that keeps "
+                                    "the correction small on few calibration samples", min=0.0)
     sensitivity_samples: int = option(0, "keep_float=auto: calibration samples used to rank the layers "
                                          "(0: all; fewer is faster on big inputs)", min=0)
 
@@ -222,6 +227,31 @@ def _quantize_with_ort(model: onnx.ModelProto, o: Q8Options, ctx: PassContext, e
 _WEIGHTED = ["Conv", "ConvTranspose", "MatMul", "Gemm"]
 
 
+def _refit(reference: onnx.ModelProto, dst: str, o: Q8Options, ctx: PassContext, result: PassResult) -> None:
+    """refit_weights on the tool's output at ``dst`` (rewritten in place), kept only when it raises
+    the least output cosine to ``reference`` on the calibration data."""
+    from .q8_mixed import _outputs, least_cosine
+    from .q8_refit import refit
+
+    tool = onnx.load(dst)
+    fitted, records, skipped = refit(tool, reference, ctx.calibration, damp=o.refit_damp)
+    for item, why in skipped:
+        result.skip(item, why)
+    if not records:
+        return
+    ref = _outputs(reference, ctx.calibration)
+    before = least_cosine(ref, _outputs(tool, ctx.calibration))
+    after = least_cosine(ref, _outputs(fitted, ctx.calibration))
+    result.stats["refit"] = {"layers": len(records), "calibration_cosine_nearest": round(before, 6),
+                             "calibration_cosine_refit": round(after, 6)}
+    if not after > before:
+        result.skip("model", f"refit_weights: calibration cosine {before:.4f} -> {after:.4f}; kept the tool's rounding")
+        return
+    for rec in records:
+        result.change(rec.pop("layer"), "weights_refit", **rec)
+    _save(fitted, dst)
+
+
 def _mse_overrides(model: onnx.ModelProto, calib, ctx: PassContext) -> dict:
     """calibration=mse ranges, cached per model bytes (mixed precision calls the tool many times)."""
     import hashlib
@@ -319,6 +349,7 @@ class Q8Pass(Pass):
                 result.change(f"{rec['first']}->{rec['second']}", "equalized", **rec)
             for item, why in eq_skipped:
                 result.skip(item, f"equalize: {why}")
+        reference = model  # refit_weights targets this float model (exact float, before bias correction)
         if o.bias_correction and not o.dynamic:
             from .q8_equalize import bias_correct
 
@@ -353,6 +384,10 @@ class Q8Pass(Pass):
                 result.skip("model", "keep_float=auto: needs static quantization (dynamic=true)")
             dst = os.path.join(tmp, "q8.onnx")
             quantize_with_ort(model, o, ctx, keep, dst, tmp)
+            if o.refit_weights and not o.dynamic:
+                _refit(reference, dst, o, ctx, result)
+            elif o.refit_weights:
+                result.skip("model", "refit_weights: needs static quantization (dynamic=true)")
             quantized = onnx.load(dst)
             result.stats.update(kernel_stats(dst, tmp))
         if not o.dynamic:
