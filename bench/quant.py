@@ -9,6 +9,9 @@ Rows per model:
 - ``q8_mixed``: ``q8.keep_float=auto`` (budget_cosine 0.99 on the calibration inputs);
 - ``q8_ocr``: ``fuse_hardswish``, ``quantize_ops=weighted``, ``calibration=mse``, ``float_head``,
   ``float_weight_layers=8``;
+- ``q8_refit``: ``q8_ocr`` without ``float_weight_layers`` (every weight layer int8) plus
+  ``refit_weights``: int8 weights and biases refitted to the int8 model's own inputs;
+  ``q8_refit_defaults``: q8's defaults plus ``refit_weights``;
 - ``fp16``: the ``fp16`` pass (float16 weights and compute, float32 I/O).
 
 Measured for each: the task metric (digits: top-1 on the 450 test images and top-1 agreement
@@ -17,7 +20,7 @@ outputs to float on held-out inputs (digits: the test images; PP-OCR: 8 rendered
 with another seed than calibration), the file size, and ORT CPU latency (1 thread, medians,
 variants interleaved round by round in one process so the ratios to float are comparable).
 Calibration: ``models/examples/digits_calib.npz`` (64 train images) for digits, 8 rendered
-inputs (``tasks.sample_inputs``, seed 7) for PP-OCR.
+inputs (``tasks.sample_inputs``, seed 7) for PP-OCR (``--calib N`` for N; random inputs: N too).
 
     python bench/quant.py [--models digits_vgg,digits_resnet,ppocr_cls_v2,...] [--out bench/results_quant.json]
 """
@@ -50,6 +53,9 @@ VARIANTS = {
     # the PP-OCR fidelity set-up (docs/q8.md, "Fidelity on PP-OCRv4")
     "q8_ocr": {"fuse_hardswish": True, "quantize_ops": "weighted", "calibration": "mse", "float_head": True,
                "float_weight_layers": 8},
+    "q8_refit": {"fuse_hardswish": True, "quantize_ops": "weighted", "calibration": "mse", "float_head": True,
+                 "refit_weights": True},
+    "q8_refit_defaults": {"refit_weights": True},
 }
 # 640x640 pages: rank the detector's layers on 2 samples and try at most 16 (the trials re-run
 # the tool's calibration each time)
@@ -109,11 +115,11 @@ def latency(models: dict, feeds: dict, batches: dict, rounds: int) -> dict:
     return out
 
 
-def random_cosine(path: str, opts: "dict | None", shape: tuple, n_held: int) -> float:
+def random_cosine(path: str, opts: "dict | None", shape: tuple, n_held: int, n_calib: int = 8) -> float:
     """Calibrated on 8 standard-normal inputs (seed 0), least cosine to float on ``n_held`` others
     (seed 1), as tests/test_q8_corpus.py does; ``opts`` None: ORT's tool as a user calls it."""
     name = onnx.load(path).graph.input[0].name
-    calib = {name: np.random.default_rng(0).standard_normal((8,) + shape).astype(np.float32)}
+    calib = {name: np.random.default_rng(0).standard_normal((n_calib,) + shape).astype(np.float32)}
     held = {name: np.random.default_rng(1).standard_normal((n_held,) + shape).astype(np.float32)}
     if opts is None:
         model = ort_tool(path, calib)
@@ -125,7 +131,7 @@ def random_cosine(path: str, opts: "dict | None", shape: tuple, n_held: int) -> 
 
 
 def bench_model(model_id: str, rounds: int, big_batch: int, variants: "tuple | None" = None,
-                n_held: int = 8, random_inputs: bool = False) -> dict:
+                n_held: int = 8, random_inputs: bool = False, n_calib: int = 8) -> dict:
     if model_id in DIGITS:
         path = str(digits.fixture_path(model_id))
         calib = dict(np.load(digits.EXAMPLES_DIR / "digits_calib.npz"))
@@ -139,7 +145,7 @@ def bench_model(model_id: str, rounds: int, big_batch: int, variants: "tuple | N
         from onnxslim_cnn.models import corpus, tasks
 
         path = str(corpus.require(model_id))
-        calib = tasks.sample_inputs(model_id, 8)
+        calib = tasks.sample_inputs(model_id, n_calib)
         held = tasks.sample_inputs(model_id, n_held, seed=99)
         run_batch = 1
 
@@ -187,7 +193,7 @@ def bench_model(model_id: str, rounds: int, big_batch: int, variants: "tuple | N
         if random_inputs and model_id not in DIGITS and name not in ("float", "fp16"):
             shape = next(iter(held.values())).shape[1:]
             opts = None if name == "ort_quantize_static" else info[name]["options"]
-            row["cosine_random_inputs"] = random_cosine(path, opts, shape, n_held)
+            row["cosine_random_inputs"] = random_cosine(path, opts, shape, n_held, n_calib)
         rows[name] = row
     for name in info:
         rows.setdefault(name, info[name])
@@ -205,6 +211,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=15, help="latency rounds (medians)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--held", type=int, default=8, help="held-out rendered PP-OCR inputs for the cosine")
+    ap.add_argument("--calib", type=int, default=8, help="PP-OCR calibration inputs (rendered, and random "
+                                                         "with --random-inputs)")
     ap.add_argument("--random-inputs", action="store_true",
                     help="also quantize on random inputs and give the cosine on other random inputs")
     ap.add_argument("--variants", default=None, help="comma-separated q8 variants to run (default: all of "
@@ -217,7 +225,7 @@ def main(argv=None) -> int:
         rounds = {"ppocrv4_det": 3, "ppocrv4_rec": 7}.get(mid, args.rounds)
         t0 = time.perf_counter()
         variants = tuple(args.variants.split(",")) if args.variants else None
-        results.append({**bench_model(mid, rounds, big, variants, args.held, args.random_inputs),
+        results.append({**bench_model(mid, rounds, big, variants, args.held, args.random_inputs, args.calib),
                         "bench_seconds": time.perf_counter() - t0})
         print(f"# {mid} done in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
     emit({"machine": machine(), "results": results}, args.out)
