@@ -84,8 +84,8 @@ def find_layers(qmodel: onnx.ModelProto, fmodel: onnx.ModelProto) -> tuple[list[
                 bias_init = n.input[2]
             else:
                 why = "bias is neither a constant nor a dequantized constant of its own"
-            if why is None and not (len(fn.input) > 2 and fn.input[2] in finits):
-                why = "float layer has no constant bias"
+            if why is None and len(fn.input) > 2 and fn.input[2] and fn.input[2] not in finits:
+                why = "float layer's bias is not a constant"
         if why:
             skipped.append((n.name, f"refit_weights: {why}"))
         else:
@@ -242,8 +242,13 @@ def refit(qmodel: onnx.ModelProto, fmodel: onnx.ModelProto, calib, damp: float =
             continue
         w = numpy_helper.to_array(finits[fn.input[1]]).astype(np.float64)
         scale = numpy_helper.to_array(qinits[layer.weight_dq.input[1]]).astype(np.float64)
-        b = numpy_helper.to_array(finits[fn.input[2]]).astype(np.float64) if len(fn.input) > 2 and fn.input[2] else None
         transposed = n.op_type == "MatMul" or (n.op_type == "Gemm" and not _attr(n, "transB", 0))
+        outputs = w.shape[1] if transposed else w.shape[0]
+        b = None
+        if layer.bias_dq is not None or layer.bias_init is not None:
+            # a bias only the int8 model has (bias_correction added it) is 0 in float
+            b = (numpy_helper.to_array(finits[fn.input[2]]).astype(np.float64) if len(fn.input) > 2 and fn.input[2]
+                 else np.zeros(outputs))
         if n.op_type == "Conv":
             m, groups = w.shape[0], _attr(n, "group", 1)
             if xq.ndim != 4:

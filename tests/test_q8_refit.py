@@ -175,3 +175,13 @@ def test_refit_with_dynamic_is_skipped():
     model = _toy(np.random.default_rng(4))
     _, result = Q8Pass(refit_weights=True, dynamic=True).apply(model)
     assert {"item": "model", "reason": "refit_weights: needs static quantization (dynamic=true)"} in result.skipped
+
+
+def test_refit_after_bias_correction_fits_the_bias_it_added():
+    """bias_correction gives the bias-free 1x1 conv a bias; its float twin (the refit's target) has
+    none, which counts as 0 rather than a reason to skip the layer."""
+    model = _toy(np.random.default_rng(3))
+    calib = {"x": np.random.default_rng(0).normal(size=(16, 3, 16, 16)).astype(np.float32)}
+    _, result = Q8Pass(refit_weights=True, bias_correction=True).apply(model, calib=calib)
+    assert result.stats["refit"]["layers"] == 5
+    assert [s["item"] for s in result.skipped if s["reason"].startswith("refit_weights")] == ["up"]
