@@ -25,7 +25,8 @@ Why not GPTQ as published: fitted to float inputs it makes these int8 models *wo
 rec 0.982 -> 0.971-0.976 cosine, measured), because its compensation assumes inputs that the
 int8 model never sees. Fitting layer by layer to the quantized inputs is what closes the gap;
 refitting several dependent layers from one capture corrects the same upstream error twice, so
-each layer gets its own capture (``len(layers)`` truncated forward passes of each model).
+each layer gets its own capture of the int8 model (``len(layers)`` truncated forward passes); the
+float model's layer inputs are captured a group at a time, within a memory budget.
 """
 
 from __future__ import annotations
@@ -116,13 +117,14 @@ def _unsupported(n: onnx.NodeProto, dq: onnx.NodeProto, qinits: dict, uses: dict
     return None
 
 
-def _capture(model: onnx.ModelProto, calib, name: str) -> "np.ndarray | None":
-    """``name``'s value for every calibration sample, from the part of ``model`` that computes it.
+def _capture(model: onnx.ModelProto, calib, names: "list[str]") -> "list[np.ndarray] | None":
+    """The values of ``names`` for every calibration sample, from the part of ``model`` that
+    computes them.
 
     Plain QDQ semantics (optimizations off), as in q8_mixed: ORT's fusions of a graph with an
     exposed intermediate are not those of the deployed graph."""
     producer = {o: n for n in model.graph.node for o in n.output}
-    keep, stack = set(), [name]
+    keep, stack = set(), list(names)
     while stack:
         node = producer.get(stack.pop())
         if node is None or id(node) in keep:
@@ -137,12 +139,56 @@ def _capture(model: onnx.ModelProto, calib, name: str) -> "np.ndarray | None":
     del part.graph.node[:]
     part.graph.node.extend(n for n in model.graph.node if id(n) in keep)
     del part.graph.output[:]
-    part.graph.output.add().name = name
-    chunks = run_chunks(make_session(part, optimize=False), calib.inputs, calib.batch, output_names=[name])
-    arrays = [c[0] for c in chunks]
-    if any(a.shape[1:] != arrays[0].shape[1:] for a in arrays):
-        return None
-    return np.concatenate(arrays).astype(np.float32, copy=False)
+    for name in names:
+        part.graph.output.add().name = name
+    chunks = run_chunks(make_session(part, optimize=False), calib.inputs, calib.batch, output_names=list(names))
+    values = []
+    for i in range(len(names)):
+        arrays = [c[i] for c in chunks]
+        if any(a.shape[1:] != arrays[0].shape[1:] for a in arrays):
+            return None
+        values.append(np.concatenate(arrays).astype(np.float32, copy=False))
+    return values
+
+
+class _OneSample:
+    def __init__(self, calib):
+        self.inputs = {k: v[:1] for k, v in calib.inputs.items()}
+        self.batch = 1
+
+
+class _FloatInputs:
+    """The float model's layer inputs, captured a group of layers per run instead of one each: the
+    float model does not change, so only memory bounds the group (``budget`` bytes, sized from a
+    one-sample run)."""
+
+    def __init__(self, fmodel: onnx.ModelProto, calib, names: "list[str]", budget: int):
+        self.fmodel, self.calib, self.budget = fmodel, calib, budget
+        self.names = list(dict.fromkeys(names))
+        self.cache: dict[str, "np.ndarray | None"] = {}
+        self.sizes: "dict[str, int] | None" = None
+
+    def get(self, name: str) -> "np.ndarray | None":
+        if name not in self.cache:
+            self._fill(self.names.index(name))
+        return self.cache[name]
+
+    def _fill(self, first: int) -> None:
+        self.cache.clear()
+        if self.sizes is None:
+            one = _capture(self.fmodel, _OneSample(self.calib), self.names)
+            samples = next(iter(self.calib.inputs.values())).shape[0]
+            self.sizes = {n: (v.nbytes * samples if one is not None else self.budget + 1)
+                          for n, v in zip(self.names, one or [None] * len(self.names))}
+        group, total = [], 0
+        for name in self.names[first:]:
+            if group and total + self.sizes[name] > self.budget:
+                break
+            group.append(name)
+            total += self.sizes[name]
+        values = _capture(self.fmodel, self.calib, group)
+        for i, name in enumerate(group):
+            self.cache[name] = None if values is None else values[i]
 
 
 def _conv_columns(node: onnx.NodeProto, x: np.ndarray, wshape, positions: np.ndarray) -> np.ndarray:
@@ -220,7 +266,8 @@ def fit_rounding(w: np.ndarray, xf: np.ndarray, xq: np.ndarray, scale: np.ndarra
 
 
 def refit(qmodel: onnx.ModelProto, fmodel: onnx.ModelProto, calib, damp: float = 0.3,
-          max_columns: int = 32768) -> tuple[onnx.ModelProto, list[dict], list[tuple[str, str]]]:
+          max_columns: int = 32768, float_budget: int = 1 << 30,
+          ) -> tuple[onnx.ModelProto, list[dict], list[tuple[str, str]]]:
     """A copy of ``qmodel`` (ORT's QDQ output for ``fmodel``) with refitted int8 weights and biases.
 
     Returns the model, one record per refitted layer (its relative output error on the
@@ -232,11 +279,12 @@ def refit(qmodel: onnx.ModelProto, fmodel: onnx.ModelProto, calib, damp: float =
     qinits = {t.name: t for t in out.graph.initializer}
     finits = {t.name: t for t in fmodel.graph.initializer}
     rng = np.random.default_rng(_SEED)
+    float_inputs = _FloatInputs(fmodel, calib, [layer.float_node.input[0] for layer in layers], float_budget)
     records = []
     for layer in layers:
         n, fn = layer.node, layer.float_node
-        xq = _capture(out, calib, n.input[0])
-        xf = _capture(fmodel, calib, fn.input[0])
+        xq = (_capture(out, calib, [n.input[0]]) or [None])[0]
+        xf = float_inputs.get(fn.input[0])
         if xq is None or xf is None or xq.shape != xf.shape:
             skipped.append((n.name, "refit_weights: cannot capture the layer's input on the calibration data"))
             continue

@@ -185,3 +185,18 @@ def test_refit_after_bias_correction_fits_the_bias_it_added():
     _, result = Q8Pass(refit_weights=True, bias_correction=True).apply(model, calib=calib)
     assert result.stats["refit"]["layers"] == 5
     assert [s["item"] for s in result.skipped if s["reason"].startswith("refit_weights")] == ["up"]
+
+
+def test_float_inputs_captured_in_groups_give_the_same_refit():
+    """The float layer inputs are captured several layers per run within a memory budget; a budget
+    of one byte (one layer per run) must give the same bytes."""
+    from onnxslim_cnn.analysis.calibration import CalibrationData
+    from onnxslim_cnn.passes.q8_refit import refit
+
+    model = _toy(np.random.default_rng(3))
+    x = np.random.default_rng(0).normal(size=(8, 3, 16, 16)).astype(np.float32)
+    quantized, _ = Q8Pass().apply(model, calib={"x": x})
+    calib = CalibrationData(inputs={"x": x}, source="test", batch=4)
+    grouped, records, _ = refit(quantized, model, calib)
+    single, _, _ = refit(quantized, model, calib, float_budget=1)
+    assert len(records) == 5 and grouped.SerializeToString() == single.SerializeToString()
