@@ -79,7 +79,8 @@ def find_layers(qmodel: onnx.ModelProto, fmodel: onnx.ModelProto) -> tuple[list[
         bias_dq = bias_init = None
         if why is None and len(n.input) > 2 and n.input[2]:
             b = producer.get(n.input[2])
-            if b is not None and b.op_type == "DequantizeLinear" and b.input[0] in qinits and uses[b.input[0]] == 1:
+            if (b is not None and b.op_type == "DequantizeLinear" and b.input[0] in qinits and b.input[1] in qinits
+                    and uses[b.input[0]] == 1):
                 bias_dq = b
             elif n.input[2] in qinits and uses[n.input[2]] == 1:
                 bias_init = n.input[2]
@@ -98,12 +99,17 @@ def _unsupported(n: onnx.NodeProto, dq: onnx.NodeProto, qinits: dict, uses: dict
     if n.op_type == "ConvTranspose":
         return "ConvTranspose is not refitted (left with the tool's rounding)"
     weight = qinits[dq.input[0]]
+    if dq.input[1] not in qinits:
+        return "weight scale is not a constant"
     if weight.data_type != onnx.TensorProto.INT8:
         return "weight is not int8"
     if uses.get(dq.input[0], 0) != 1 or uses.get(dq.output[0], 0) != 1:
         return "weight shared with another node"
-    if len(dq.input) > 2 and dq.input[2] and np.any(numpy_helper.to_array(qinits[dq.input[2]])):
-        return "weight zero point is not 0"
+    if len(dq.input) > 2 and dq.input[2]:
+        if dq.input[2] not in qinits:
+            return "weight zero point is not a constant"
+        if np.any(numpy_helper.to_array(qinits[dq.input[2]])):
+            return "weight zero point is not 0"
     if n.op_type == "Conv":
         if len(weight.dims) != 4:
             return "only 2-D convolutions are refitted"
