@@ -243,7 +243,7 @@ def _refit(reference: onnx.ModelProto, dst: str, o: Q8Options, ctx: PassContext,
     before = least_cosine(ref, _outputs(tool, ctx.calibration))
     after = least_cosine(ref, _outputs(fitted, ctx.calibration))
     result.stats["refit"] = {"layers": len(records), "calibration_cosine_nearest": round(before, 6),
-                             "calibration_cosine_refit": round(after, 6)}
+                             "calibration_cosine_refit": round(after, 6), "applied": after > before}
     if not after > before:
         result.skip("model", f"refit_weights: calibration cosine {before:.4f} -> {after:.4f}; kept the tool's rounding")
         return

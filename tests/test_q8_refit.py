@@ -121,12 +121,12 @@ def test_refit_changes_only_weight_and_bias_values(toy):
     after = {t.name: nh.to_array(t) for t in fitted.graph.initializer}
     assert before.keys() == after.keys()
     changed = sorted(k for k in before if not np.array_equal(before[k], after[k]))
-    # the five refitted layers' int8 weights and the four int32 biases (pw has none); scales untouched
+    # the five refitted layers' int8 weights and the three int32 biases (pw and mm have none); scales untouched
     assert all(after[k].dtype in (np.int8, np.int32) for k in changed)
     assert {k for k in changed if after[k].dtype == np.int8} == {"w1_quantized", "w2_quantized", "w3_quantized",
                                                                  "wf_quantized", "wm_quantized"}
     assert {k for k in changed if after[k].dtype == np.int32} == {"b1_quantized", "b2_quantized", "bf_quantized"}
-    assert all(np.abs(after[k]).max() <= 127 for k in changed if after[k].dtype == np.int8)
+    assert all(after[k].min() >= -127 for k in changed if after[k].dtype == np.int8)  # the tool's symmetric range
     assert result.stats["refit"]["layers"] == 5
     assert result.stats["int8_kernels"] > 0
 
@@ -137,7 +137,7 @@ def test_refit_reports_what_it_left(toy):
         in result.skipped
     refits = [c for c in result.changes if c["action"] == "weights_refit"]
     assert sorted(c["item"] for c in refits) == ["conv1", "dw", "fc", "mm", "pw"]
-    assert all(c["error_refit"] < c["error_nearest"] for c in refits)
+    assert all(0 < c["error_refit"] < c["error_tool"] for c in refits)
     stats = result.stats["refit"]
     assert stats["calibration_cosine_refit"] > stats["calibration_cosine_nearest"]
 
@@ -200,3 +200,24 @@ def test_float_inputs_captured_in_groups_give_the_same_refit():
     grouped, records, _ = refit(quantized, model, calib)
     single, _, _ = refit(quantized, model, calib, float_budget=1)
     assert len(records) == 5 and grouped.SerializeToString() == single.SerializeToString()
+
+
+def test_refit_per_tensor_weights():
+    model = _toy(np.random.default_rng(3))
+    calib = {"x": np.random.default_rng(0).normal(size=(16, 3, 16, 16)).astype(np.float32)}
+    fitted, result = Q8Pass(refit_weights=True, per_channel=False).apply(model, calib=calib)
+    assert result.stats["refit"]["layers"] == 5
+    weights = [nh.to_array(t) for t in fitted.graph.initializer if t.name.endswith("_quantized")]
+    assert all(w.min() >= -127 for w in weights if w.dtype == np.int8)
+
+
+def test_refit_that_does_not_help_leaves_the_tool_output_byte_for_byte():
+    """With the depthwise conv kept float the refit lowers the calibration cosine on this model
+    (measured 0.99963 -> 0.99962): it is dropped, and the model is exactly the tool's."""
+    model = _toy(np.random.default_rng(3))
+    calib = {"x": np.random.default_rng(0).normal(size=(16, 3, 16, 16)).astype(np.float32)}
+    plain, _ = Q8Pass(keep_float=["dw"]).apply(model, calib=calib)
+    fitted, result = Q8Pass(refit_weights=True, keep_float=["dw"]).apply(model, calib=calib)
+    assert any(s["reason"].endswith("kept the tool's rounding") for s in result.skipped)
+    assert result.stats["refit"]["applied"] is False
+    assert fitted.SerializeToString() == plain.SerializeToString()
