@@ -75,6 +75,16 @@ def _dequantize(q: np.ndarray, scale: np.ndarray, zero: "np.ndarray | None", axi
     return ((q.astype(np.float64) - zero.reshape(shape)) * scale.astype(np.float64).reshape(shape)).astype(np.float32)
 
 
+def dequantized_constant(inits: dict, dq: onnx.NodeProto) -> "np.ndarray | None":
+    """The value of a DequantizeLinear whose inputs are initializers (a quantized weight or bias),
+    in float32 as ORT computes it; None when its payload or scale is not an initializer."""
+    if dq.input[0] not in inits or dq.input[1] not in inits:
+        return None
+    zero = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] in inits else None
+    return _dequantize(numpy_helper.to_array(inits[dq.input[0]]), numpy_helper.to_array(inits[dq.input[1]]),
+                       zero, _axis(dq))
+
+
 class _QuantizedModel:
     """Index of ORT's QDQ output: producers, consumers and initializers by name."""
 
@@ -115,10 +125,8 @@ def single_layer_model(float_model: onnx.ModelProto, qm: _QuantizedModel, name: 
         dq = qm.producer.get(qin)
         if dq is None or dq.op_type != "DequantizeLinear" or k >= len(fnode.input):
             continue
-        payload = qm.array(dq.input[0])
-        if payload is not None:  # a quantized weight or bias: its dequantized values, as a constant
-            zero = qm.array(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
-            values = _dequantize(payload, qm.array(dq.input[1]), zero, _axis(dq))
+        values = dequantized_constant(qm.inits, dq)
+        if values is not None:  # a quantized weight or bias: its dequantized values, as a constant
             const = f"{name}__sq_in{k}"
             out.graph.initializer.append(numpy_helper.from_array(values, const))
             fnode.input[k] = const

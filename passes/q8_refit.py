@@ -35,7 +35,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxslim_cnn.analysis.calibration import CalibrationData
 from onnxslim_cnn.analysis.runtime_session import make_session, run_chunks
+
+from .q8_mixed import dequantized_constant
 
 _SEED = 0  # column sampling: same input, same options, same bytes out
 
@@ -45,6 +48,11 @@ def _attr(node: onnx.NodeProto, name: str, default):
         if a.name == name:
             return helper.get_attribute_value(a)
     return default
+
+
+def _transposed(node: onnx.NodeProto) -> bool:
+    """Whether the weight is (inputs, outputs): MatMul ``x @ W`` and Gemm without transB."""
+    return node.op_type == "MatMul" or (node.op_type == "Gemm" and not _attr(node, "transB", 0))
 
 
 class _Layer:
@@ -111,7 +119,7 @@ def _unsupported(n: onnx.NodeProto, dq: onnx.NodeProto, qinits: dict, uses: dict
         if np.any(numpy_helper.to_array(qinits[dq.input[2]])):
             return "weight zero point is not 0"
     scale = numpy_helper.to_array(qinits[dq.input[1]])
-    transposed = n.op_type == "MatMul" or (n.op_type == "Gemm" and not _attr(n, "transB", 0))
+    transposed = _transposed(n)
     outputs = weight.dims[1] if transposed and len(weight.dims) > 1 else weight.dims[0]
     if scale.size not in (1, outputs) or (scale.size > 1 and _attr(dq, "axis", 1) != (1 if transposed else 0)):
         return "weight scales are not per tensor or per output channel"
@@ -162,12 +170,6 @@ def _capture(model: onnx.ModelProto, calib, names: "list[str]") -> "list[np.ndar
     return values
 
 
-class _OneSample:
-    def __init__(self, calib):
-        self.inputs = {k: v[:1] for k, v in calib.inputs.items()}
-        self.batch = 1
-
-
 class _FloatInputs:
     """The float model's layer inputs, captured a group of layers per run instead of one each: the
     float model does not change, so only memory bounds the group (``budget`` bytes, sized from a
@@ -187,7 +189,9 @@ class _FloatInputs:
     def _fill(self, first: int) -> None:
         self.cache.clear()
         if self.sizes is None:
-            one = _capture(self.fmodel, _OneSample(self.calib), self.names)
+            first_sample = CalibrationData(inputs={k: v[:1] for k, v in self.calib.inputs.items()},
+                                           source="first calibration sample", batch=1)
+            one = _capture(self.fmodel, first_sample, self.names)
             samples = next(iter(self.calib.inputs.values())).shape[0]
             self.sizes = {n: (v.nbytes * samples if one is not None else self.budget + 1)
                           for n, v in zip(self.names, one or [None] * len(self.names))}
@@ -202,36 +206,38 @@ class _FloatInputs:
             self.cache[name] = None if values is None else values[i]
 
 
-def _conv_columns(node: onnx.NodeProto, x: np.ndarray, wshape, positions: np.ndarray) -> np.ndarray:
-    """im2col of ``x`` at the sampled output ``positions``: (groups, C/g * kh * kw, P), rows in
-    the weight's (channel, ky, kx) order."""
-    n, c, h, w = x.shape
-    _, cg, kh, kw = wshape
-    g = _attr(node, "group", 1)
-    s = list(_attr(node, "strides", [1, 1]))
-    d = list(_attr(node, "dilations", [1, 1]))
-    p = list(_attr(node, "pads", [0, 0, 0, 0]))
-    xp = np.pad(x, ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])))
-    wo = (w + p[1] + p[3] - d[1] * (kw - 1) - 1) // s[1] + 1
-    ho = (h + p[0] + p[2] - d[0] * (kh - 1) - 1) // s[0] + 1
-    img, rest = np.divmod(positions, ho * wo)
-    row, col = np.divmod(rest, wo)
-    cols = np.empty((c, kh * kw, len(positions)), np.float32)
-    for i in range(kh):
-        for j in range(kw):
-            cols[:, i * kw + j, :] = xp[img, :, row * s[0] + i * d[0], col * s[1] + j * d[1]].T
-    return cols.reshape(g, cg * kh * kw, len(positions))
-
-
-def conv_output_positions(node: onnx.NodeProto, x_shape, wshape) -> int:
-    n, _, h, w = x_shape
+def _conv_geometry(node: onnx.NodeProto, x_shape, wshape) -> tuple[list, list, list, int, int]:
+    """Strides, dilations, pads ([top, left, bottom, right]) and output height and width of a 2-D Conv."""
+    _, _, h, w = x_shape
     _, _, kh, kw = wshape
     s = list(_attr(node, "strides", [1, 1]))
     d = list(_attr(node, "dilations", [1, 1]))
     p = list(_attr(node, "pads", [0, 0, 0, 0]))
     ho = (h + p[0] + p[2] - d[0] * (kh - 1) - 1) // s[0] + 1
     wo = (w + p[1] + p[3] - d[1] * (kw - 1) - 1) // s[1] + 1
-    return n * ho * wo
+    return s, d, p, ho, wo
+
+
+def _conv_columns(node: onnx.NodeProto, x: np.ndarray, wshape, positions: np.ndarray) -> np.ndarray:
+    """im2col of ``x`` at the sampled output ``positions``: (groups, C/g * kh * kw, P), rows in
+    the weight's (channel, ky, kx) order. Not prune_recover.im2col: that one builds every output
+    position (a 3x3 conv with 256 inputs on 80x80 maps, 8 samples: ~1 GB) and knows no groups."""
+    c = x.shape[1]
+    _, cg, kh, kw = wshape
+    s, d, p, ho, wo = _conv_geometry(node, x.shape, wshape)
+    xp = np.pad(x, ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])))
+    img, rest = np.divmod(positions, ho * wo)
+    row, col = np.divmod(rest, wo)
+    cols = np.empty((c, kh * kw, len(positions)), np.float32)
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, i * kw + j, :] = xp[img, :, row * s[0] + i * d[0], col * s[1] + j * d[1]].T
+    return cols.reshape(_attr(node, "group", 1), cg * kh * kw, len(positions))
+
+
+def conv_output_positions(node: onnx.NodeProto, x_shape, wshape) -> int:
+    _, _, _, ho, wo = _conv_geometry(node, x_shape, wshape)
+    return x_shape[0] * ho * wo
 
 
 def refit_target(w: np.ndarray, xf: np.ndarray, xq: np.ndarray, damp: float):
@@ -287,25 +293,6 @@ def _float64_rows(cols: np.ndarray, ones: bool) -> np.ndarray:
     return out
 
 
-def _tool_weight(qinits: dict, layer: _Layer) -> np.ndarray:
-    """The weight as the tool wrote it: int8 codes times scales, in the float weight's layout."""
-    codes = numpy_helper.to_array(qinits[layer.weight_dq.input[0]]).astype(np.float64)
-    scale = numpy_helper.to_array(qinits[layer.weight_dq.input[1]]).astype(np.float64)
-    axis = _attr(layer.weight_dq, "axis", 1) if scale.size > 1 else None
-    if axis is None:
-        return codes * scale.reshape(())
-    shape = [1] * codes.ndim
-    shape[axis] = -1
-    return codes * scale.reshape(shape)
-
-
-def _tool_bias(qinits: dict, layer: _Layer) -> np.ndarray:
-    if layer.bias_dq is not None:
-        codes = numpy_helper.to_array(qinits[layer.bias_dq.input[0]]).astype(np.float64)
-        return codes * numpy_helper.to_array(qinits[layer.bias_dq.input[1]]).astype(np.float64)
-    return numpy_helper.to_array(qinits[layer.bias_init]).astype(np.float64)
-
-
 def refit(qmodel: onnx.ModelProto, fmodel: onnx.ModelProto, calib, damp: float = 0.3,
           max_columns: int = 32768, float_budget: int = 1 << 30,
           ) -> tuple[onnx.ModelProto, list[dict], list[tuple[str, str]]]:
@@ -331,8 +318,10 @@ def refit(qmodel: onnx.ModelProto, fmodel: onnx.ModelProto, calib, damp: float =
             continue
         w = numpy_helper.to_array(finits[fn.input[1]]).astype(np.float64)
         scale = numpy_helper.to_array(qinits[layer.weight_dq.input[1]]).astype(np.float64)
-        transposed = n.op_type == "MatMul" or (n.op_type == "Gemm" and not _attr(n, "transB", 0))
+        transposed = _transposed(n)
         outputs = w.shape[1] if transposed else w.shape[0]
+        # what the tool wrote (with bias_correction its bias is not the float one): the guard's baseline
+        written = dequantized_constant(qinits, layer.weight_dq).astype(np.float64)
         b = None
         if layer.bias_dq is not None or layer.bias_init is not None:
             # a bias only the int8 model has (bias_correction added it) is 0 in float
@@ -348,10 +337,10 @@ def refit(qmodel: onnx.ModelProto, fmodel: onnx.ModelProto, calib, damp: float =
             cf = _float64_rows(_conv_columns(n, xf, w.shape, positions), b is not None)
             cq = _float64_rows(_conv_columns(n, xq, w.shape, positions), b is not None)
             wg = w.reshape(groups, m // groups, -1)
-            tool = _tool_weight(qinits, layer).reshape(groups, m // groups, -1)
+            tool = written.reshape(groups, m // groups, -1)
         else:
             wg = (w.T if transposed else w)[None]
-            tool = (_tool_weight(qinits, layer).T if transposed else _tool_weight(qinits, layer))[None]
+            tool = (written.T if transposed else written)[None]
             k = wg.shape[2]
             cf, cq = xf.reshape(-1, k).T, xq.reshape(-1, k).T
             if cf.shape[1] > max_columns:  # sample before widening to float64
@@ -365,14 +354,15 @@ def refit(qmodel: onnx.ModelProto, fmodel: onnx.ModelProto, calib, damp: float =
             continue
         if b is not None:
             wg = np.concatenate([wg, b.reshape(groups, per, 1)], axis=2)
-            tool = np.concatenate([tool, _tool_bias(qinits, layer).reshape(groups, per, 1)], axis=2)
+            written_bias = (dequantized_constant(qinits, layer.bias_dq) if layer.bias_dq is not None
+                            else numpy_helper.to_array(qinits[layer.bias_init]))
+            tool = np.concatenate([tool, written_bias.astype(np.float64).reshape(groups, per, 1)], axis=2)
         nq = wg.shape[2] - (b is not None)
         try:
             fitted = fit_rounding(wg, cf, cq, sg, damp, b is not None)
         except np.linalg.LinAlgError:
             skipped.append((n.name, "refit_weights: input covariance is singular"))
             continue
-        # against what the tool wrote (with bias_correction its bias is not the float one)
         ref = wg @ cf
         before = float(np.sqrt(np.sum((ref - tool @ cq) ** 2) / max(np.sum(ref ** 2), 1e-30)))
         after = float(np.sqrt(np.sum((ref - fitted @ cq) ** 2) / max(np.sum(ref ** 2), 1e-30)))
