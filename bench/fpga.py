@@ -37,8 +37,8 @@ from _common import emit, machine  # noqa: E402
 from onnxslim_cnn.fixed_point.simulate import quantize_inputs, run_float, simulate  # noqa: E402
 from onnxslim_cnn.models import digits  # noqa: E402
 from onnxslim_cnn.passes.fpga import lower_model  # noqa: E402
-from onnxslim_cnn.passes.fpga_emit_cpp import build_and_run  # noqa: E402
-from onnxslim_cnn.passes.fpga_resources import sqnr_db  # noqa: E402
+from onnxslim_cnn.passes.fpga.emit_cpp import build_and_run  # noqa: E402
+from onnxslim_cnn.passes.fpga.resources import sqnr_db  # noqa: E402
 
 CALIB = str(digits.EXAMPLES_DIR / "digits_calib.npz")
 

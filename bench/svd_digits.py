@@ -28,7 +28,7 @@ from onnx import numpy_helper
 
 import onnxslim_cnn
 from onnxslim_cnn.models import digits
-from onnxslim_cnn.passes import factorize as fz
+from onnxslim_cnn.passes.factor import factorize as fz
 
 FCS = ("classifier.0", "classifier.3", "classifier.6")
 

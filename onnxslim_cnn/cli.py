@@ -23,7 +23,7 @@ PROG = "onnxslim"
 # Imported only when used, so `onnxslim IN OUT` never pays for them. A model file that is
 # literally named like a subcommand can still be given as ./pack.
 SUBCOMMANDS: "dict[str, tuple[str, str]]" = {
-    "fpga": ("onnxslim_cnn.passes.fpga", "main"),
+    "fpga": ("onnxslim_cnn.fpga_cli", "main"),
     "pack": ("onnxslim_cnn.pack_cli", "pack_main"),
     "unpack": ("onnxslim_cnn.pack_cli", "unpack_main"),
     "bench": ("onnxslim_cnn.runtime.cli_bench", "main"),

@@ -295,6 +295,13 @@ def constant_value(tensor: "gs.Tensor | None") -> "np.ndarray | None":
     return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
 
 
+def weight_input_index(node: gs.Node) -> int:
+    """Index of a layer's constant weight input: 1, or 0 for MatMul(W, x)."""
+    if node.op == "MatMul" and isinstance(node.inputs[0], gs.Constant) and not isinstance(node.inputs[1], gs.Constant):
+        return 0
+    return 1
+
+
 def node_label(node: gs.Node) -> str:
     """How reports name a node: its name, else its first output's name, else its op type."""
     return node.name or (node.outputs[0].name if node.outputs else node.op)

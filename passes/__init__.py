@@ -2,14 +2,14 @@
 
 from .fp16 import Fp16Pass
 from .fpga import FpgaPass
-from .lowrank import LowrankPass
+from .factor import LowrankPass
 from .prune import PrunePass
 from .q8 import Q8Pass
 from .share import SharePass
 from .slim import SlimPass
 from .sparse import SparsePass
 from .sparsify import SparsifyPass
-from .svd import SvdPass
+from .factor import SvdPass
 
 __all__ = ["Fp16Pass", "FpgaPass", "LowrankPass", "PrunePass", "Q8Pass", "SharePass", "SlimPass", "SparsePass",
            "SparsifyPass", "SvdPass"]

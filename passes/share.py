@@ -31,11 +31,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxslim_cnn.errors import UserError
-from onnxslim_cnn.graph import Graph
+from onnxslim_cnn.graph import Graph, weight_input_index
 from onnxslim_cnn.options import option
 from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
 
-from .sparsify import _weight_index
 
 OPS = ("Conv", "Gemm", "MatMul")
 # Above this many point-centroid distances per Lloyd iteration sklearn's generic KMeans is too
@@ -98,7 +97,7 @@ class SharePass(Pass):
             if node.op not in OPS or len(node.inputs) < 2:
                 continue
             name = node.name
-            idx = _weight_index(node)
+            idx = weight_input_index(node)
             w = node.inputs[idx]
             reason = _ineligible(node, w, o, seen)
             if reason:

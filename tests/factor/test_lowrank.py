@@ -12,8 +12,8 @@ import onnxslim_cnn
 from onnxslim_cnn.analysis.cost import node_macs
 from onnxslim_cnn.errors import UserError
 from onnxslim_cnn.models import digits, reference
-from onnxslim_cnn.passes import lowrank_maths as lm
-from onnxslim_cnn.passes.lowrank import LowrankPass, same_pads
+from onnxslim_cnn.passes.factor import lowrank_maths as lm
+from onnxslim_cnn.passes.factor.lowrank import LowrankPass, same_pads
 
 
 def conv_model(C=4, N=6, k=(3, 3), hw=(11, 13), strides=(1, 1), pads=(1, 1, 1, 1), dilations=(1, 1),

@@ -23,7 +23,7 @@ from onnxslim_cnn.graph import Graph
 from onnxslim_cnn.options import option
 from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
 
-from .prune_rewrite import Rewriter
+from .rewrite import Rewriter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +214,7 @@ def _importance(graph: Graph, a: ChannelAnalysis, criterion: str, ctx: PassConte
 def _reconstruction_scores(graph: Graph, a: ChannelAnalysis, ctx: PassContext) -> np.ndarray:
     """Per id: summed over the layers that consume it, the output error left after removing it
     and refitting (``prune_recover.removal_errors``). Ids no layer consumes score by weight norm."""
-    from .prune_recover import removal_errors
+    from .recover import removal_errors
 
     per_id = np.full(len(a.parent), np.nan)
     consumers = [n for n in graph.nodes if n.op in ("Conv", "Gemm", "MatMul") and int(n.attrs.get("group", 1)) == 1
@@ -263,7 +263,7 @@ def _sequential_refit(graph: Graph, rewriter: Rewriter, ctx: PassContext, ridge:
     """Refit each consumer, in topological order, from its input in the pruned network."""
     from onnxslim_cnn.analysis.activations import capture
 
-    from .prune_recover import fit_to_target
+    from .recover import fit_to_target
 
     graph.toposort()
     consumers = [n for n in graph.nodes if getattr(n, "_refit_target", None)]

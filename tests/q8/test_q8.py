@@ -105,7 +105,7 @@ def test_opset10_upgraded(resnet):
     import tempfile
 
     from onnxruntime.quantization import QuantFormat, quantize_static
-    from onnxslim_cnn.passes.q8 import _Reader
+    from onnxslim_cnn.passes.q8.q8 import _Reader
 
     with tempfile.TemporaryDirectory() as tmp:
         onnx.save(old, f"{tmp}/f.onnx")
@@ -174,7 +174,7 @@ def test_weights_in_constant_nodes_quantized_as_weights():
     from onnx import helper as h
     from onnx import numpy_helper as nh
     from onnxruntime.quantization import QuantFormat, quantize_static
-    from onnxslim_cnn.passes.q8 import _Reader
+    from onnxslim_cnn.passes.q8.q8 import _Reader
 
     rng = np.random.default_rng(0)
     w = rng.normal(size=(8, 3, 3, 3)).astype(np.float32)

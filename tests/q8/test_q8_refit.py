@@ -11,7 +11,7 @@ from onnx import numpy_helper as nh
 from graphs import init, make_model, run, vi
 from onnxslim_cnn.models import digits
 from onnxslim_cnn.passes.q8 import Q8Pass
-from onnxslim_cnn.passes.q8_refit import _conv_columns, conv_output_positions, fit_rounding, refit_target
+from onnxslim_cnn.passes.q8.refit import conv_columns, conv_output_positions, fit_rounding, refit_target
 
 
 def _toy(rng) -> onnx.ModelProto:
@@ -50,7 +50,7 @@ def _cosine(a, b):
     ({"group": 4, "pads": [2, 1, 2, 0], "dilations": [2, 1]}, (4, 1, 3, 2)),
     ({"group": 2, "strides": [1, 2]}, (6, 2, 1, 1)),
 ])
-def test_conv_columns_reproduce_the_convolution(attrs, wshape):
+def testconv_columns_reproduce_the_convolution(attrs, wshape):
     """W_g times the im2col columns at sampled positions equals ORT's Conv output there."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 4, 9, 7)).astype(np.float32)
@@ -60,7 +60,7 @@ def test_conv_columns_reproduce_the_convolution(attrs, wshape):
     total = conv_output_positions(node, x.shape, w.shape)
     assert total == y.shape[0] * y.shape[2] * y.shape[3]
     positions = np.sort(rng.choice(total, size=total // 2, replace=False))
-    cols = _conv_columns(node, x, w.shape, positions)
+    cols = conv_columns(node, x, w.shape, positions)
     groups = attrs.get("group", 1)
     got = np.concatenate([w.reshape(groups, wshape[0] // groups, -1)[g] @ cols[g] for g in range(groups)])
     want = y.transpose(1, 0, 2, 3).reshape(wshape[0], -1)[:, positions]
@@ -191,7 +191,7 @@ def test_float_inputs_captured_in_groups_give_the_same_refit():
     """The float layer inputs are captured several layers per run within a memory budget; a budget
     of one byte (one layer per run) must give the same bytes."""
     from onnxslim_cnn.analysis.calibration import CalibrationData
-    from onnxslim_cnn.passes.q8_refit import refit
+    from onnxslim_cnn.passes.q8.refit import refit
 
     model = _toy(np.random.default_rng(3))
     x = np.random.default_rng(0).normal(size=(8, 3, 16, 16)).astype(np.float32)

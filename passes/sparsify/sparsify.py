@@ -26,11 +26,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import scipy.linalg
 
-from onnxslim_cnn.graph import Graph
+from onnxslim_cnn.analysis.conv_patches import ConvGeometry, patches, sample_positions
+from onnxslim_cnn.graph import Graph, weight_input_index
 from onnxslim_cnn.options import option
 from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
 
-from .prune_recover import MAX_ROWS, im2col
 
 OPS = ("Conv", "Gemm", "MatMul")
 
@@ -132,7 +132,7 @@ class SparsifyPass(Pass):
             if nz == int(layer.values.size - np.count_nonzero(layer.values)) and not o.refit:
                 result.skip(name, "no weight below the threshold")
                 continue
-            graph.replace_constant(layer.node, _weight_index(layer.node), new)
+            graph.replace_constant(layer.node, weight_input_index(layer.node), new)
             extra = {}
             if name in searched:
                 extra = {"ratio": searched[name][0], "search_error": round(searched[name][1], 6)}
@@ -149,13 +149,6 @@ class SparsifyPass(Pass):
 # --------------------------------------------------------------------------- selection
 
 
-def _weight_index(node: gs.Node) -> int:
-    """Index of the constant weight: 1, or 0 for MatMul(W, x)."""
-    if node.op == "MatMul" and isinstance(node.inputs[0], gs.Constant) and not isinstance(node.inputs[1], gs.Constant):
-        return 0
-    return 1
-
-
 def _eligible(graph: Graph, o: SparsifyOptions, result: PassResult) -> list[_Layer]:
     layers, seen = [], set()
     for node in graph.nodes:
@@ -165,7 +158,7 @@ def _eligible(graph: Graph, o: SparsifyOptions, result: PassResult) -> list[_Lay
         if name in o.exclude:
             result.skip(name, "excluded")
             continue
-        idx = _weight_index(node)
+        idx = weight_input_index(node)
         w = node.inputs[idx]
         if not isinstance(w, gs.Constant):
             result.skip(name, "weight is not a constant")
@@ -198,7 +191,7 @@ def _mask_smallest(mags: np.ndarray, ratio: float) -> np.ndarray:
 
 
 def _sensitivity(graph: Graph, ctx: PassContext, layers: list[_Layer], acts: dict, o: SparsifyOptions) -> dict:
-    from .sparsify_search import search_ratios
+    from .search import search_ratios
 
     systems: dict[str, tuple] = {}  # the refit's normal equations depend on the layer, not the ratio
 
@@ -230,7 +223,7 @@ def _refit_inputs(graph: Graph, ctx: PassContext, layers: list[_Layer], o: Spars
         if node.op == "Gemm" and int(node.attrs.get("transA", 0)):
             result.skip(name, "refit: Gemm with transA not supported")
             continue
-        if node.op == "MatMul" and (_weight_index(node) == 0 or layer.values.ndim != 2):
+        if node.op == "MatMul" and (weight_input_index(node) == 0 or layer.values.ndim != 2):
             result.skip(name, "refit: MatMul weight must be a 2-D right operand")
             continue
         if node.op == "Conv":
@@ -293,13 +286,8 @@ def _refit_system(layer: _Layer, x: np.ndarray, ridge: float, seed: int) -> "tup
     as [inputs, outputs]); None when the activations do not match the weight."""
     node, w = layer.node, layer.values
     if node.op == "Conv":
-        nd = w.ndim - 2
-        attrs = node.attrs
-        cols = im2col(x.astype(np.float64), tuple(w.shape[2:]), list(attrs.get("pads", [0] * (2 * nd))),
-                      list(attrs.get("strides", [1] * nd)), list(attrs.get("dilations", [1] * nd)))
-        A = cols.reshape(-1, cols.shape[-1])
-        if len(A) > MAX_ROWS:
-            A = A[np.random.default_rng(seed).choice(len(A), MAX_ROWS, replace=False)]
+        geometry = ConvGeometry.from_attrs(node.attrs, w.shape[2:])
+        A = patches(x, geometry, sample_positions(geometry.positions(x.shape), seed), np.float64)
         wf = w.reshape(w.shape[0], -1).T.astype(np.float64)  # [C*k, O]
     else:
         A = x.reshape(-1, x.shape[-1]).astype(np.float64)

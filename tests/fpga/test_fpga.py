@@ -17,7 +17,7 @@ from onnxslim_cnn.fixed_point.ir import FixedFormat, load
 from onnxslim_cnn.fixed_point.simulate import quantize_inputs, run_float, simulate
 from onnxslim_cnn.models import digits, reference
 from onnxslim_cnn.passes.fpga import FpgaPass, lower_model
-from onnxslim_cnn.passes.fpga_emit_cpp import build_and_run
+from onnxslim_cnn.passes.fpga.emit_cpp import build_and_run
 from onnxslim_cnn.pipeline import run_pipeline
 
 from graphs import run, user_error

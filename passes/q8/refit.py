@@ -36,9 +36,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxslim_cnn.analysis.calibration import CalibrationData
+from onnxslim_cnn.analysis.conv_patches import ConvGeometry, node_attrs, patches
 from onnxslim_cnn.analysis.runtime_session import make_session, run_chunks
 
-from .q8_mixed import dequantized_constant
+from .mixed import dequantized_constant
 
 _SEED = 0  # column sampling: same input, same options, same bytes out
 
@@ -206,38 +207,20 @@ class _FloatInputs:
             self.cache[name] = None if values is None else values[i]
 
 
-def _conv_geometry(node: onnx.NodeProto, x_shape, wshape) -> tuple[list, list, list, int, int]:
-    """Strides, dilations, pads ([top, left, bottom, right]) and output height and width of a 2-D Conv."""
-    _, _, h, w = x_shape
-    _, _, kh, kw = wshape
-    s = list(_attr(node, "strides", [1, 1]))
-    d = list(_attr(node, "dilations", [1, 1]))
-    p = list(_attr(node, "pads", [0, 0, 0, 0]))
-    ho = (h + p[0] + p[2] - d[0] * (kh - 1) - 1) // s[0] + 1
-    wo = (w + p[1] + p[3] - d[1] * (kw - 1) - 1) // s[1] + 1
-    return s, d, p, ho, wo
+def _geometry(node: onnx.NodeProto, wshape) -> ConvGeometry:
+    return ConvGeometry.from_attrs(node_attrs(node), wshape[2:])
 
 
-def _conv_columns(node: onnx.NodeProto, x: np.ndarray, wshape, positions: np.ndarray) -> np.ndarray:
+def conv_columns(node: onnx.NodeProto, x: np.ndarray, wshape, positions: np.ndarray) -> np.ndarray:
     """im2col of ``x`` at the sampled output ``positions``: (groups, C/g * kh * kw, P), rows in
-    the weight's (channel, ky, kx) order. Not prune_recover.im2col: that one builds every output
-    position (a 3x3 conv with 256 inputs on 80x80 maps, 8 samples: ~1 GB) and knows no groups."""
-    c = x.shape[1]
+    the weight's (channel, ky, kx) order."""
     _, cg, kh, kw = wshape
-    s, d, p, ho, wo = _conv_geometry(node, x.shape, wshape)
-    xp = np.pad(x, ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])))
-    img, rest = np.divmod(positions, ho * wo)
-    row, col = np.divmod(rest, wo)
-    cols = np.empty((c, kh * kw, len(positions)), np.float32)
-    for i in range(kh):
-        for j in range(kw):
-            cols[:, i * kw + j, :] = xp[img, :, row * s[0] + i * d[0], col * s[1] + j * d[1]].T
-    return cols.reshape(_attr(node, "group", 1), cg * kh * kw, len(positions))
+    cols = patches(x, _geometry(node, wshape), positions, np.float32)
+    return cols.T.reshape(_attr(node, "group", 1), cg * kh * kw, len(positions))
 
 
 def conv_output_positions(node: onnx.NodeProto, x_shape, wshape) -> int:
-    _, _, _, ho, wo = _conv_geometry(node, x_shape, wshape)
-    return x_shape[0] * ho * wo
+    return _geometry(node, wshape).positions(x_shape)
 
 
 def refit_target(w: np.ndarray, xf: np.ndarray, xq: np.ndarray, damp: float):
@@ -334,8 +317,8 @@ def refit(qmodel: onnx.ModelProto, fmodel: onnx.ModelProto, calib, damp: float =
                 continue
             total = conv_output_positions(n, xq.shape, w.shape)
             positions = np.sort(rng.choice(total, size=min(total, max_columns), replace=False))
-            cf = _float64_rows(_conv_columns(n, xf, w.shape, positions), b is not None)
-            cq = _float64_rows(_conv_columns(n, xq, w.shape, positions), b is not None)
+            cf = _float64_rows(conv_columns(n, xf, w.shape, positions), b is not None)
+            cq = _float64_rows(conv_columns(n, xq, w.shape, positions), b is not None)
             wg = w.reshape(groups, m // groups, -1)
             tool = written.reshape(groups, m // groups, -1)
         else:

@@ -10,7 +10,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 from onnxslim_cnn.models import digits, reference
 from onnxslim_cnn.passes.q8 import Q8Pass
-from onnxslim_cnn.passes.q8_equalize import (
+from onnxslim_cnn.passes.q8.equalize import (
     bias_correct,
     equalize,
     quantize_weight_like_ort,
@@ -182,7 +182,7 @@ def test_q8_equalized_and_corrected_close_to_float():
 def test_single_layer_model_matches_the_qdq_model():
     """A model with one quantizable conv: the one-layer simulation (inputs and weights quantized)
     followed by the tool's output QuantizeLinear/DequantizeLinear is the QDQ model itself."""
-    from onnxslim_cnn.passes.q8_mixed import _QuantizedModel, single_layer_model
+    from onnxslim_cnn.passes.q8.mixed import _QuantizedModel, single_layer_model
 
     from onnxslim_cnn.analysis.runtime_session import make_session
 
@@ -225,7 +225,7 @@ def test_keep_float_auto_meets_budget_and_reports():
             assert producers.get(n.input[1]) != "DequantizeLinear"
     assert {c["item"] for c in result.changes if c["action"] == "kept_float"} == set(kept)
     # the report's cosine is the real one of the model returned
-    from onnxslim_cnn.passes.q8_mixed import least_cosine
+    from onnxslim_cnn.passes.q8.mixed import least_cosine
     ref, new = run(model, {"input": x}), run(quantized, {"input": x})
     assert abs(least_cosine([r.ravel().astype(np.float64) for r in ref],
                             [q.ravel().astype(np.float64) for q in new]) - mixed["cosine"]) < 1e-6

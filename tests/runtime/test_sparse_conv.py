@@ -14,7 +14,7 @@ from test_sparse_ep import conv_model, needs_ep, sparse_weight
 
 from onnxslim_cnn import runtime
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("bench_sparse_kernels", ROOT / "bench" / "sparse_kernels.py")
 sk = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sk)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("bench_sparse_kernels", ROOT / "bench" / "sparse_kernels.py")
 sk = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sk)

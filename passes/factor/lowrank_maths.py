@@ -34,6 +34,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from onnxslim_cnn.analysis.conv_patches import ConvGeometry, patches
+
 from .factorize import top_svd
 
 # --------------------------------------------------------------------------- the seed's formulas
@@ -180,22 +182,12 @@ def sample_patches(X: np.ndarray, kernel: tuple[int, int], strides: tuple[int, i
     At most ``max_positions`` positions, and never more than ``PATCH_BUDGET`` elements, so the
     memory stays bounded for any calibration set and layer width.
     """
-    S, C, Hin, Win = X.shape
-    (Kh, Kw), (sh, sw), (dh, dw) = kernel, strides, dilations
-    pt, pl, pb, pr = pads
-    Ho = (Hin + pt + pb - (Kh - 1) * dh - 1) // sh + 1
-    Wo = (Win + pl + pr - (Kw - 1) * dw - 1) // sw + 1
-    total = S * Ho * Wo
-    n = int(min(max_positions, total, max(1, PATCH_BUDGET // (C * Kh * Kw))))
+    geometry = ConvGeometry(kernel=tuple(kernel), strides=tuple(strides), pads=tuple(pads),
+                            dilations=tuple(dilations))
+    total = geometry.positions(X.shape)
+    n = int(min(max_positions, total, max(1, PATCH_BUDGET // (X.shape[1] * kernel[0] * kernel[1]))))
     idx = np.sort(rng.choice(total, size=n, replace=False))
-    s, rest = np.divmod(idx, Ho * Wo)
-    ho, wo = np.divmod(rest, Wo)
-    Xp = np.pad(X, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-    rows = ho[:, None] * sh + np.arange(Kh)[None, :] * dh
-    cols = wo[:, None] * sw + np.arange(Kw)[None, :] * dw
-    P = Xp[s[:, None, None, None], np.arange(C)[None, :, None, None],
-           rows[:, None, :, None], cols[:, None, None, :]]
-    return P.reshape(n, C * Kh * Kw).astype(np.float32)
+    return patches(X, geometry, idx, np.float32)
 
 
 def jaderberg_features(V: np.ndarray, Kw: int) -> np.ndarray:

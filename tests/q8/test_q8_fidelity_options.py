@@ -8,9 +8,9 @@ from graphs import assert_same_outputs, init, make_model, run, vi
 from onnx import helper as h
 from onnx import numpy_helper as nh
 from onnxslim_cnn.passes.q8 import Q8Pass
-from onnxslim_cnn.passes.q8_fuse import fuse_hardswish
-from onnxslim_cnn.passes.q8_mixed import head_layers
-from onnxslim_cnn.passes.q8_ranges import _mse_range, mse_overrides
+from onnxslim_cnn.passes.q8.fuse import fuse_hardswish
+from onnxslim_cnn.passes.q8.mixed import head_layers
+from onnxslim_cnn.passes.q8.ranges import _mse_range, mse_overrides
 
 
 def _hardswish_chain(i: int, x: str, y: str, swapped: bool = False) -> list:
@@ -138,7 +138,7 @@ def test_fidelity_options_through_the_pass():
 
 def test_float_weight_layers_ranks_by_weight_rounding_alone():
     from onnxslim_cnn.analysis.calibration import from_arrays
-    from onnxslim_cnn.passes.q8_mixed import weight_sensitive_layers
+    from onnxslim_cnn.passes.q8.mixed import weight_sensitive_layers
 
     model = _lcnet_like()
     # a quiet channel 0 out of conv1 read by an outlier weight column of conv2 (PP-OCRv4 rec's

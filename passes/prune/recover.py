@@ -4,45 +4,22 @@ After channels are removed, each consumer (Conv with groups=1, Gemm, MatMul) sti
 its original outputs from fewer inputs. With its input activations X (calibration data, original
 model) and its original pre-activation output Y = X W + b, the remaining weights and the bias are
 refitted by ridge least squares: min ||X_kept W' + b' - Y||^2 + ridge * ||W'||^2. Convs go through
-an explicit im2col on a deterministic subsample of output positions.
+the shared im2col (``analysis.conv_patches``) on a deterministic subsample of output positions.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-MAX_ROWS = 20000  # sampled output positions per conv: enough for a few thousand unknowns
-
-
-def im2col(x: np.ndarray, kernel: tuple[int, int], pads: list[int], strides: list[int],
-           dilations: list[int]) -> np.ndarray:
-    """[N, C, H, W] -> [N, Ho, Wo, C * kh * kw] (channel-major, like the ONNX weight layout)."""
-    kh, kw = kernel
-    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    n, c, h, w = xp.shape
-    eh, ew = (kh - 1) * dilations[0] + 1, (kw - 1) * dilations[1] + 1
-    ho, wo = (h - eh) // strides[0] + 1, (w - ew) // strides[1] + 1
-    cols = np.empty((n, ho, wo, c, kh, kw), dtype=x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            r0, c0 = i * dilations[0], j * dilations[1]
-            cols[..., i, j] = xp[:, :, r0:r0 + strides[0] * ho:strides[0], c0:c0 + strides[1] * wo:strides[1]].transpose(0, 2, 3, 1)
-    return cols.reshape(n, ho, wo, c * kh * kw)
+from onnxslim_cnn.analysis.conv_patches import ConvGeometry, output_rows, patches, sample_positions
 
 
 def design_matrix(op: str, attrs: dict, w: np.ndarray, x: np.ndarray, seed: int) -> np.ndarray:
     """Rows = samples (or sampled output positions), columns = the layer's input features."""
     if op != "Conv":
         return x.reshape(-1, x.shape[-1]).astype(np.float64)
-    k = w.shape[2:]
-    nd = len(k)
-    pads = list(attrs.get("pads", [0] * (2 * nd)))
-    cols = im2col(x.astype(np.float64), k, pads, list(attrs.get("strides", [1] * nd)),
-                  list(attrs.get("dilations", [1] * nd)))
-    rows = cols.reshape(-1, cols.shape[-1])
-    if len(rows) > MAX_ROWS:
-        rows = rows[np.random.default_rng(seed).choice(len(rows), MAX_ROWS, replace=False)]
-    return rows
+    geometry = ConvGeometry.from_attrs(attrs, w.shape[2:])
+    return patches(x, geometry, sample_positions(geometry.positions(x.shape), seed), np.float64)
 
 
 def refit(op: str, attrs: dict, w: np.ndarray, bias: "np.ndarray | None", x: np.ndarray,
@@ -85,14 +62,10 @@ def fit_to_target(op: str, attrs: dict, w_shape: tuple, x: np.ndarray, y: np.nda
     [O, C, kh, kw]) or [K, O] for Gemm/MatMul; the result has that shape, and a bias [O].
     """
     if op == "Conv":
-        nd = len(w_shape) - 2
-        cols = im2col(x.astype(np.float64), tuple(w_shape[2:]), list(attrs.get("pads", [0] * (2 * nd))),
-                      list(attrs.get("strides", [1] * nd)), list(attrs.get("dilations", [1] * nd)))
-        A = cols.reshape(-1, cols.shape[-1])
-        Y = np.moveaxis(y.astype(np.float64), 1, -1).reshape(-1, y.shape[1])
-        if len(A) > MAX_ROWS:
-            pick = np.random.default_rng(seed).choice(len(A), MAX_ROWS, replace=False)
-            A, Y = A[pick], Y[pick]
+        geometry = ConvGeometry.from_attrs(attrs, w_shape[2:])
+        pick = sample_positions(geometry.positions(x.shape), seed)
+        A = patches(x, geometry, pick, np.float64)
+        Y = output_rows(y, pick).astype(np.float64)
     else:
         A = x.reshape(-1, x.shape[-1]).astype(np.float64)
         Y = y.reshape(-1, y.shape[-1]).astype(np.float64)

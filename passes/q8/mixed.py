@@ -297,7 +297,7 @@ def weight_sensitive_layers(model: onnx.ModelProto, calib, count: int, exclude: 
     weights alone cap the output at ~0.991, mostly through a few 1x1 convs with an outlier input
     channel, and those are the layers worth their float cost. One forward pass per layer.
     """
-    from .q8_equalize import quantize_weight_like_ort, weight_axis
+    from .equalize import quantize_weight_like_ort, weight_axis
 
     ref = _outputs(model, calib, optimize=False)
     inits = {t.name: t for t in model.graph.initializer}

@@ -15,8 +15,8 @@ from onnx import numpy_helper as nh
 
 import onnxslim_cnn
 from onnxslim_cnn.errors import UserError
-from onnxslim_cnn.passes import factorize as fz
-from onnxslim_cnn.passes.svd import SvdPass
+from onnxslim_cnn.passes.factor import factorize as fz
+from onnxslim_cnn.passes.factor.svd import SvdPass
 
 N_IN, N_OUT = 24, 16  # max useful rank 9, full rank 16
 

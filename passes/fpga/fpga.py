@@ -1,5 +1,6 @@
-"""Pass ``fpga``: lower a CNN to the fixed-point IR (``onnxslim_cnn.fixed_point``), and the
-``onnxslim fpga IN.onnx OUTDIR`` command that writes the IR, C++, hls4ml config and resources.
+"""Pass ``fpga``: lower a CNN to the fixed-point IR (``onnxslim_cnn.fixed_point``). The
+``onnxslim fpga IN.onnx OUTDIR`` command that writes the IR, C++, hls4ml config and resources is
+``onnxslim_cnn/fpga_cli.py``, in the CLI layer.
 
 The pass leaves the ONNX graph as it is: what it produces is the IR and its per-layer table,
 returned in ``PassResult.artifacts['fpga']`` (a pass never writes files). BatchNormalization is
@@ -12,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
-from pathlib import Path
 
 from onnxslim_cnn.errors import UserError
 from onnxslim_cnn.fixed_point.ir import ROUNDING, SATURATION, FixedPointModel
@@ -21,9 +20,9 @@ from onnxslim_cnn.graph import Graph
 from onnxslim_cnn.options import option
 from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
 
-from .fpga_lower import LowerConfig, activation_names, check_supported, lower
-from .fpga_qdq import po2_formats, po2_step, strip_qdq
-from .fpga_resources import layer_table
+from .lower import LowerConfig, activation_names, check_supported, lower
+from .qdq import po2_formats, po2_step, strip_qdq
+from .resources import layer_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +61,8 @@ class FpgaPass(Pass):
     needs_calibration = True
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        from .q8 import is_quantized
-        from .slim import SlimPass
+        from ..q8 import is_quantized
+        from ..slim import SlimPass
 
         o = self.options
         result = PassResult()
@@ -118,8 +117,8 @@ OUTPUT_NAMES = ("model.json", "weights.npz", "hls4ml_config.yaml", "resources.js
 
 def output_files(lowering: FpgaLowering, reuse_factor: int = 1) -> dict[str, bytes]:
     """Every file ``onnxslim fpga`` writes, built in memory first so that an error writes nothing."""
-    from .fpga_emit_cpp import emit_cpp
-    from .fpga_resources import hls4ml_config
+    from .emit_cpp import emit_cpp
+    from .resources import hls4ml_config
 
     ir = lowering.ir
     files = {"model.json": ir.to_json().encode(), "weights.npz": ir.weights_npz(),
@@ -128,44 +127,3 @@ def output_files(lowering: FpgaLowering, reuse_factor: int = 1) -> dict[str, byt
                                           indent=1, default=str).encode()}
     files.update({k: v.encode() for k, v in emit_cpp(ir, reuse_factor).items()})
     return files
-
-
-def main(argv: "list[str]") -> int:
-    """``onnxslim fpga IN.onnx OUTDIR [--calib X.npz] [--set fpga.bits=8 ...]``."""
-    from onnxslim_cnn.analysis.calibration import parse_input_shapes
-    from onnxslim_cnn.cli import _Parser
-    from onnxslim_cnn.files import check_outputs, write_atomic_many
-    from onnxslim_cnn.options import parse_set
-
-    from .fpga_resources import format_table
-
-    p = _Parser(prog="onnxslim fpga", description="Lower a CNN to fixed point and write model.json, weights.npz, "
-                "model.cpp/model.h/model_main.cpp, hls4ml_config.yaml and resources.json into OUTDIR.")
-    p.add_argument("input", help="input ONNX model (never modified)")
-    p.add_argument("outdir", help="output folder (created; the files in it are replaced atomically)")
-    p.add_argument("--calib", help=".npz with one array per model input (axis 0 = samples); formats come from it")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="fpga.OPTION=VALUE")
-    p.add_argument("--input-shape", dest="input_shapes", action="append", default=[], metavar="NAME=D0,D1,...")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", "-q", action="store_true")
-    args = p.parse_args(argv)
-    sets = parse_set(args.sets)
-    if set(sets) - {"fpga"}:
-        raise UserError(f"onnxslim fpga takes only fpga.* options, got {', '.join(sorted(set(sets) - {'fpga'}))}")
-    out = Path(args.outdir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {out} exists and is not a folder")
-    check_outputs({f"output {out / name}": out / name for name in OUTPUT_NAMES}, inputs=(args.input, args.calib))
-    options = sets.get("fpga", {})
-    lowering = lower_model(args.input, calib=args.calib, options=options,
-                           input_shapes=parse_input_shapes(args.input_shapes), seed=args.seed)
-    reuse = FpgaPass(options).options.reuse_factor
-    files = output_files(lowering, reuse)
-    assert set(files) <= set(OUTPUT_NAMES), sorted(files)
-    write_atomic_many({out / name: data for name, data in files.items()})
-    for warning in lowering.warnings:
-        print(f"onnxslim fpga: warning: {warning}", file=sys.stderr)
-    if not args.quiet:
-        print(format_table(lowering.table))
-        print(f"\nwrote {out}/: {', '.join(files)}")
-    return 0

@@ -12,7 +12,7 @@ from onnx import helper as h
 from onnxslim_cnn.fixed_point.ir import FixedFormat, FixedPointModel, Layer, Tensor, accumulator_format, load, save
 from onnxslim_cnn.fixed_point.simulate import requantize, round_shift, run_float, saturate, simulate
 from onnxslim_cnn.passes.fpga import lower_model
-from onnxslim_cnn.passes.fpga_emit_cpp import build_and_run
+from onnxslim_cnn.passes.fpga.emit_cpp import build_and_run
 
 from graphs import init, make_model, run, vi
 
@@ -72,7 +72,7 @@ def test_residual_add_aligns_formats_by_hand():
 def test_residual_add_cpp_matches_hand_values(tmp_path):
     m = _residual_model()
     # two inputs, so a hand-written main instead of the one-input harness
-    from onnxslim_cnn.passes.fpga_emit_cpp import emit_cpp
+    from onnxslim_cnn.passes.fpga.emit_cpp import emit_cpp
 
     files = emit_cpp(m)
     assert "model_main.cpp" not in files  # two inputs: no single-input harness

@@ -94,7 +94,7 @@ def test_reconstruct_recovers_digits_accuracy():
 
 def test_reconstruction_criterion_is_exact_obs_saliency():
     """Removing one input of a linear layer and refitting the rest raises the error by the OBS term."""
-    from onnxslim_cnn.passes.prune_recover import removal_errors
+    from onnxslim_cnn.passes.prune.recover import removal_errors
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((400, 5)) @ rng.standard_normal((5, 5))

@@ -217,7 +217,7 @@ def _quantize_with_ort(model: onnx.ModelProto, o: Q8Options, ctx: PassContext, e
                     calibrate_method=method, op_types_to_quantize=_WEIGHTED if o.quantize_ops == "weighted" else None,
                     extra_options=extra)
     if exclude:
-        from .q8_mixed import float_islands
+        from .mixed import float_islands
 
         float_producers = {t: n.name for n in model.graph.node for t in n.output}
         float_producers.update({i.name: i.name for i in model.graph.input})
@@ -230,8 +230,8 @@ _WEIGHTED = ["Conv", "ConvTranspose", "MatMul", "Gemm"]
 def _refit(reference: onnx.ModelProto, dst: str, o: Q8Options, ctx: PassContext, result: PassResult) -> None:
     """refit_weights on the tool's output at ``dst`` (rewritten in place), kept only when it raises
     the least output cosine to ``reference`` on the calibration data."""
-    from .q8_mixed import _outputs, least_cosine
-    from .q8_refit import refit
+    from .mixed import _outputs, least_cosine
+    from .refit import refit
 
     tool = onnx.load(dst)
     fitted, records, skipped = refit(tool, reference, ctx.calibration, damp=o.refit_damp)
@@ -256,7 +256,7 @@ def _mse_overrides(model: onnx.ModelProto, calib, ctx: PassContext) -> dict:
     """calibration=mse ranges, cached per model bytes (mixed precision calls the tool many times)."""
     import hashlib
 
-    from .q8_ranges import mse_overrides
+    from .ranges import mse_overrides
 
     key = "q8_mse_ranges:" + hashlib.sha1(model.SerializeToString()).hexdigest()
     if key not in ctx.cache:
@@ -287,7 +287,7 @@ class Q8Pass(Pass):
             return result
 
         if o.fold_bn:
-            from .slim import SlimPass
+            from ..slim import SlimPass
 
             model, slim_result = SlimPass().apply(model)
             result.stats["slim_changes"] = len(slim_result.changes)
@@ -297,12 +297,12 @@ class Q8Pass(Pass):
         names = {n.name for n in model.graph.node}
         wanted = list(dict.fromkeys(list(o.exclude) + [n for n in o.keep_float if n != "auto"]))
         if o.float_head:
-            from .q8_mixed import head_layers
+            from .mixed import head_layers
 
             heads = [n for n in head_layers(model) if n not in wanted]
             result.stats["float_head"] = heads
             wanted += heads
-        from .q8_mixed import with_fused_activations
+        from .mixed import with_fused_activations
 
         keep = with_fused_activations(model, [n for n in wanted if n in names])
         for n in wanted:
@@ -323,13 +323,13 @@ class Q8Pass(Pass):
             result.stats["opset_upgraded"] = f"{opset}->13"
 
         if o.fuse_hardswish:
-            from .q8_fuse import fuse_hardswish
+            from .fuse import fuse_hardswish
 
             model, fused = fuse_hardswish(model)
             for name in fused:
                 result.change(name, "hardswish_fused")
         if o.float_weight_layers and not o.dynamic:
-            from .q8_mixed import weight_sensitive_layers
+            from .mixed import weight_sensitive_layers
 
             chosen, sensitivity = weight_sensitive_layers(model, ctx.calibration, o.float_weight_layers, set(keep))
             result.stats["float_weight_layers"] = chosen
@@ -338,7 +338,7 @@ class Q8Pass(Pass):
                               reason="int8 weights of this layer alone cost the most output cosine")
             keep += [n for n in with_fused_activations(model, chosen) if n not in keep]
         if o.equalize:
-            from .q8_equalize import equalize
+            from .equalize import equalize
 
             g = Graph.from_model(model)
             pairs, eq_skipped = equalize(g, exclude=set(keep))
@@ -351,7 +351,7 @@ class Q8Pass(Pass):
                 result.skip(item, f"equalize: {why}")
         reference = model  # refit_weights targets this float model (exact float, before bias correction)
         if o.bias_correction and not o.dynamic:
-            from .q8_equalize import bias_correct
+            from .equalize import bias_correct
 
             model, corrected, bc_skipped = bias_correct(model, ctx.calibration, o.per_channel, set(keep))
             result.stats.setdefault("bias_corrected", 0)
@@ -367,7 +367,7 @@ class Q8Pass(Pass):
         dq_before = sum(n.op_type == "DequantizeLinear" for n in model.graph.node)
         with tempfile.TemporaryDirectory(prefix="onnxslim_q8_") as tmp:
             if "auto" in o.keep_float and not o.dynamic:
-                from .q8_mixed import choose_float_layers
+                from .mixed import choose_float_layers
 
                 chosen, report = choose_float_layers(
                     model, lambda m, excl, dst: quantize_with_ort(m, o, ctx, excl, dst, tmp),

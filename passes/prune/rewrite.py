@@ -134,7 +134,7 @@ class Rewriter:
             self._add_bias(node, bias_add, out_mask)
 
     def _refit(self, node, w, in_mask, out_mask, trans_b) -> None:
-        from .prune_recover import refit
+        from .recover import refit
 
         op = node.op
         node._refit_target = node.outputs[0].name  # original output, for the sequential refit

@@ -17,8 +17,8 @@ from onnxslim_cnn.graph import Graph, array_digest
 from onnxslim_cnn.options import option
 from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
 
-from . import slim_rules as rules
-from . import slim_shape_rules as shape_rules
+from . import rules
+from . import shape_rules
 
 
 @dataclasses.dataclass(frozen=True)
