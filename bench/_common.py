@@ -24,5 +24,6 @@ def emit(doc: dict, out: "str | None") -> None:
     text = json.dumps(doc, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))
     print(text)
     if out:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         with open(out, "w") as f:
             f.write(text)

@@ -13,7 +13,7 @@ AlexNet (onnxslim_cnn.models.reference, full size, random weights: compression o
 seed's per-layer kept ratios (Han et al. Table 4: conv1 84 % ... fc8 25 %) with ``sparsify
 layer_ratio``, ``share`` 8/5 bits, pack; our per-layer table next to the published one.
 
-    python bench/deep_compression.py [--out bench/results_deep_compression.json] [--skip-alexnet]
+    python bench/deep_compression.py [--out bench/results/deep_compression.json] [--skip-alexnet]
 """
 
 from __future__ import annotations

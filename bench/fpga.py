@@ -8,7 +8,7 @@ simulator throughput (images/s, batches of 256, and one image), and the emitted 
 bit-exactness against the simulator and run time per image on 500 images (the 450 test images +
 the first 50 train images). ORT float latency (1 thread) for scale.
 
-    python bench/fpga.py [--out bench/results_fpga.json] [--cpp-images 500]
+    python bench/fpga.py [--out bench/results/fpga.json] [--cpp-images 500]
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ variants interleaved round by round in one process so the ratios to float are co
 Calibration: ``models/examples/digits_calib.npz`` (64 train images) for digits, 8 rendered
 inputs (``tasks.sample_inputs``, seed 7) for PP-OCR (``--calib N`` for N; random inputs: N too).
 
-    python bench/quant.py [--models digits_vgg,digits_resnet,ppocr_cls_v2,...] [--out bench/results_quant.json]
+    python bench/quant.py [--models digits_vgg,digits_resnet,ppocr_cls_v2,...] [--out bench/results/quant.json]
 """
 
 from __future__ import annotations

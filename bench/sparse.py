@@ -1,6 +1,6 @@
 """Sparse EP through ONNX Runtime: layer shapes and whole models, prints JSON.
 
-    python bench/sparse.py --out bench/results_sparse.json            # everything (~15 min)
+    python bench/sparse.py --out bench/results/sparse.json            # everything (~15 min)
     python bench/sparse.py --quick                                    # a smoke subset
 
 Kernel level: one-op models on real layer shapes (VGG-16 fc6/fc7, ResNet-50 3x3 and 1x1

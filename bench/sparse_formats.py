@@ -1,7 +1,7 @@
 """Batch widths the declared batch did not plan for (EP options max_formats, dense_fallback), JSON.
 
-    python bench/sparse_formats.py --out bench/results_sparse_formats.json
-    python bench/sparse_formats.py --compare dense_fallback --out bench/results_sparse_fallback.json
+    python bench/sparse_formats.py --out bench/results/sparse_formats.json
+    python bench/sparse_formats.py --compare dense_fallback --out bench/results/sparse_fallback.json
 
 The FC layers of bench/sparse.py (same weights: exactly s % zeros at random positions, a
 dynamic batch axis, so the claim is made for batch 1) at 50-70 % zeros, fed batch 1, 8 and 32,

@@ -1,6 +1,6 @@
 """Kernel-level bench of the sparse CPU kernels (runtime/src/kernels_*.cc) against dense GEMM.
 
-    python bench/sparse_kernels.py [--out bench/results_sparse_kernels.json] [--quick]
+    python bench/sparse_kernels.py [--out bench/results/sparse_kernels.json] [--quick]
 
 Drives the kernels through their C ABI (kernels_capi.cc) with ctypes: on the library named by
 ONNXSLIM_SPARSE_KERNELS_LIB, else on a standalone build of runtime/src/kernels_*.cc made here with
@@ -426,7 +426,7 @@ def isa_comparison(kern: Kernels, reps: int, rng) -> list:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", help="also write the JSON here (bench/results_sparse_kernels.json)")
+    ap.add_argument("--out", help="also write the JSON here (bench/results/sparse_kernels.json)")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
     args = ap.parse_args(argv)

@@ -1,6 +1,6 @@
 """Session creation with the sparse EP: wall time and peak memory, prints JSON.
 
-    python bench/sparse_session.py --out bench/results_sparse_session.json
+    python bench/sparse_session.py --out bench/results/sparse_session.json
 
 Each measurement runs in a fresh child process so one session's memory cannot hide another's:
 the child imports onnxruntime and our runtime, resets the kernel's peak-RSS mark

@@ -27,9 +27,9 @@ from onnxslim_cnn.sparse_storage import INDEX_BYTES
 
 # Speedup of the sparse EP over ORT's dense CPU kernel, batch 1, one thread, median over the
 # bench's layer shapes of each kind, by sparsity. FC: VGG-16 fc6/fc7 and ddddocr 1024x8210, the
-# cells of bench/results_sparse.json and bench/results_sparse_merged_fc.json together (two runs
+# cells of bench/results/sparse.json and bench/results/sparse_merged_fc.json together (two runs
 # on the shared machine; 3-6 cells per point). Conv: six ResNet-50 and five VGG-16 layers from
-# bench/results_sparse.json, 1.0 where the EP's conv cost model leaves the layer to ORT. Linear
+# bench/results/sparse.json, 1.0 where the EP's conv cost model leaves the layer to ORT. Linear
 # in between; below 50 % the pass says "not measured" (None).
 EXPECTED_SPEEDUP = {
     "fc": [(0.5, 0.89), (0.6, 1.19), (0.7, 1.7), (0.8, 2.16), (0.9, 4.17), (0.95, 6.77)],

@@ -25,7 +25,7 @@ from .loader import (
     library_path,
 )
 
-# Default claim threshold, from the bench (bench/results_sparse.json, one thread): FC layers beat
+# Default claim threshold, from the bench (bench/results/sparse.json, one thread): FC layers beat
 # ORT's dense MLAS from 50-60 % zeros at batch 1 but only from 70-80 % at batch 8/32, the
 # ResNet-50 convs from 70-90 %. From 80 % every FC shape wins at every batch and most convs do;
 # FC-heavy models run at batch 1 gain from min_sparsity=0.6 (docs/sparse_runtime.md).
@@ -35,7 +35,7 @@ DENSE_FALLBACKS = ("auto", "off", "always")
 # Gemm/MatMul weights may be held in up to this many formats, one per product width regime
 # (1, 2..8, > 8 columns; docs/sparse_runtime.md "Options"). 1 by default: on random sparsity the
 # picks differ only at 2..8 columns and 50-60 % zeros (4x1 strips instead of CSR), and measured
-# through ORT (bench/results_sparse_formats.json) that second copy was faster on fc6 but slower
+# through ORT (bench/results/sparse_formats.json) that second copy was faster on fc6 but slower
 # on fc7 and the ddddocr Gemm, so it does not earn its memory by default.
 DEFAULT_MAX_FORMATS = 1
 

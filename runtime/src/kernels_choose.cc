@@ -123,7 +123,7 @@ namespace onnxslim_sparse {
 //   direct = kConvDirectNz * nnz * T + kConvPad * C*Hp*Wp + kConvStore * OC*P
 //            (T = positions computed: whole 64-position tiles over OH rows of padded width Wp)
 //   im2col = kConvIm2colNz * nnz * P + kConvOurIm2col * K*P + OC*P
-// Fitted by least squares on relative error to bench/results_sparse_conv_calibration.json
+// Fitted by least squares on relative error to bench/results/sparse_conv_calibration.json
 // (bench/sparse.py --format csr, so every layer is timed whether it wins or not; batch 1, one
 // thread, 30-95 % zeros; 3x3 stride-1 shapes from VGG-16 224x224 to ResNet-50 7x7): direct nz
 // 2.14, padded copy + store 46.8 per element (one term: C = OC in every fitted shape), MLAS
