@@ -117,7 +117,7 @@ def latency(models: dict, feeds: dict, batches: dict, rounds: int) -> dict:
 
 def random_cosine(path: str, opts: "dict | None", shape: tuple, n_held: int, n_calib: int = 8) -> float:
     """Calibrated on 8 standard-normal inputs (seed 0), least cosine to float on ``n_held`` others
-    (seed 1), as tests/test_q8_corpus.py does; ``opts`` None: ORT's tool as a user calls it."""
+    (seed 1), as tests/q8/test_q8_corpus.py does; ``opts`` None: ORT's tool as a user calls it."""
     name = onnx.load(path).graph.input[0].name
     calib = {name: np.random.default_rng(0).standard_normal((n_calib,) + shape).astype(np.float32)}
     held = {name: np.random.default_rng(1).standard_normal((n_held,) + shape).astype(np.float32)}

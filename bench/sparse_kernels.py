@@ -10,7 +10,7 @@ comparison is bench/sparse.py's. For each shape, sparsity (random unstructured, 
 batch: median latency of every format, of ChooseFormat's pick and of dense, with 1 thread then 2,
 and the break-even sparsity (lowest measured sparsity where the picked format beats dense).
 
-This module is also the ctypes wrapper the kernel tests use (tests/test_sparse_kernels.py).
+This module is also the ctypes wrapper the kernel tests use (tests/runtime/test_sparse_kernels.py).
 """
 
 from __future__ import annotations
