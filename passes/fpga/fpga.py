@@ -5,7 +5,7 @@
 The pass leaves the ONNX graph as it is: what it produces is the IR and its per-layer table,
 returned in ``PassResult.artifacts['fpga']`` (a pass never writes files). BatchNormalization is
 folded first by ``slim``; formats come from the activations on the calibration inputs
-(``--calib``), see ``fpga_lower``, or, for a ``q8`` (QDQ) input, from its scales (``fpga_qdq``).
+(``--calib``), see ``fpga.lower``, or, for a ``q8`` (QDQ) input, from its scales (``fpga.qdq``).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ class LowerConfig:
     rounding: str = "round_half_up"
     saturation: str = "sat"
     layer_bits: dict = field(default_factory=dict)  # ONNX node name -> word length (weights and output)
-    # imported from a QDQ model (fpga_qdq): activation formats by tensor, weight fraction bits by weight tensor
+    # imported from a QDQ model (fpga.qdq): activation formats by tensor, weight fraction bits by weight tensor
     formats: dict = field(default_factory=dict)
     weight_frac: dict = field(default_factory=dict)
 

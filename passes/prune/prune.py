@@ -6,7 +6,7 @@
 3. Allocation picks the least important units: the same ratio in every group (``scope=uniform``)
    or one threshold across all groups (``scope=global``), per-layer overrides, protected layers,
    and channel counts kept a multiple of ``round_to``.
-4. ``prune_rewrite.Rewriter`` removes them everywhere, compensating the consumers' biases with
+4. ``prune.rewrite.Rewriter`` removes them everywhere, compensating the consumers' biases with
    the removed channels' mean activation (exact for dead channels).
 """
 
@@ -213,7 +213,7 @@ def _importance(graph: Graph, a: ChannelAnalysis, criterion: str, ctx: PassConte
 
 def _reconstruction_scores(graph: Graph, a: ChannelAnalysis, ctx: PassContext) -> np.ndarray:
     """Per id: summed over the layers that consume it, the output error left after removing it
-    and refitting (``prune_recover.removal_errors``). Ids no layer consumes score by weight norm."""
+    and refitting (``prune.recover.removal_errors``). Ids no layer consumes score by weight norm."""
     from .recover import removal_errors
 
     per_id = np.full(len(a.parent), np.nan)

@@ -141,7 +141,7 @@ def _capture(model: onnx.ModelProto, calib, names: "list[str]") -> "list[np.ndar
     """The values of ``names`` for every calibration sample, from the part of ``model`` that
     computes them.
 
-    Plain QDQ semantics (optimizations off), as in q8_mixed: ORT's fusions of a graph with an
+    Plain QDQ semantics (optimizations off), as in q8.mixed: ORT's fusions of a graph with an
     exposed intermediate are not those of the deployed graph."""
     producer = {o: n for n in model.graph.node for o in n.output}
     keep, stack = set(), list(names)

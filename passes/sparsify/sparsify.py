@@ -14,7 +14,7 @@ Gemm/MatMul use the activations directly, Conv (groups=1) goes through im2col.
 ``mode=sensitivity`` finds each layer's ratio instead: the largest one (up to ``max_ratio``)
 whose pruning, with the refit when ``refit=true``, keeps the model outputs within ``budget``
 (relative L2 error to the dense model on the calibration inputs) when that layer alone is
-pruned; see ``sparsify_search``. ``layer_ratio`` still fixes the ratio of the layers it names.
+pruned; see ``sparsify.search``. ``layer_ratio`` still fixes the ratio of the layers it names.
 """
 
 from __future__ import annotations
