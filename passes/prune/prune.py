@@ -23,7 +23,7 @@ from onnxslim_cnn.graph import Graph
 from onnxslim_cnn.options import option
 from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
 
-from .rewrite import Rewriter
+from .rewrite import RefitItem, Rewriter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,9 +100,9 @@ class PrunePass(Pass):
         if o.reconstruct:
             names = sorted({t.name for _, t, _ in rewriter.consumer_inputs()})
             refit_inputs = ctx.activations(graph.source, names) if names else {}
-        rewriter.apply(compensation, refit_inputs, o.ridge)
+        plan = rewriter.apply(compensation, refit_inputs, o.ridge)
         if o.reconstruct and o.sequential:
-            _sequential_refit(graph, rewriter, ctx, o.ridge)
+            _sequential_refit(graph, plan, ctx, o.ridge)
         for g in candidates:
             n = len(removed_units.get(g.index, []))
             if n:
@@ -259,24 +259,26 @@ def _compensation(graph: Graph, rewriter: Rewriter, ctx: PassContext) -> dict[st
     return out
 
 
-def _sequential_refit(graph: Graph, rewriter: Rewriter, ctx: PassContext, ridge: float) -> None:
-    """Refit each consumer, in topological order, from its input in the pruned network."""
+def _sequential_refit(graph: Graph, plan: list[RefitItem], ctx: PassContext, ridge: float) -> None:
+    """Refit each consumer of the plan, in topological order, from its input in the pruned network."""
     from onnxslim_cnn.analysis.activations import capture
 
     from .recover import fit_to_target
 
     graph.toposort()
-    consumers = [n for n in graph.nodes if getattr(n, "_refit_target", None)]
-    targets = ctx.activations(graph.source, sorted({n._refit_target for n in consumers}))
-    for node in consumers:
+    position = {id(n): k for k, n in enumerate(graph.nodes)}
+    plan = sorted(plan, key=lambda item: position[id(item.node)])
+    targets = ctx.activations(graph.source, sorted({item.target for item in plan}))
+    for item in plan:
+        node = item.node
         model = graph.to_model()
         x = capture(model, [node.inputs[0].name], ctx.calibration)[node.inputs[0].name]
-        y = targets[node._refit_target]
+        y = targets[item.target]
         w_old = np.asarray(node.inputs[1].values)
         trans_b = node.op == "Gemm" and node.attrs.get("transB", 0)
         shape = w_old.T.shape if trans_b else w_old.shape
-        if node._refit_out_mask is not None:
-            y = np.compress(node._refit_out_mask, y, axis=1 if node.op == "Conv" else y.ndim - 1)
+        if item.out_mask is not None:
+            y = np.compress(item.out_mask, y, axis=1 if node.op == "Conv" else y.ndim - 1)
         w, b = fit_to_target(node.op, dict(node.attrs), shape, x, y, ridge)
         w = (w.T if trans_b else w).astype(w_old.dtype)
         node.inputs[1] = graph.add_constant(f"{node.inputs[1].name}.seq", np.ascontiguousarray(w))

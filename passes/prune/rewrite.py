@@ -14,6 +14,8 @@ the constant's contribution differs at the borders, so the exact per-position ma
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -22,11 +24,25 @@ from onnxslim_cnn.graph import Graph
 from onnxslim_cnn.graph import constant_value as _const, node_label as _label  # shared helpers
 
 
+@dataclass(frozen=True)
+class RefitItem:
+    """One consumer that ``apply`` refitted by least squares (``reconstruct``), for the
+    sequential refit that follows: ``node`` is the consumer (its weights already refitted),
+    ``target`` the name of its original output tensor (the activations to fit to, in the
+    unpruned model), ``out_mask`` the output channels it keeps (None: all)."""
+
+    node: gs.Node
+    target: str
+    out_mask: "np.ndarray | None"
+
+
 class Rewriter:
     def __init__(self, graph: Graph, analysis: ChannelAnalysis, removed_ids: np.ndarray):
         self.graph = graph
         self.a = analysis
         self.removed = np.unique(np.asarray(removed_ids, np.int64))
+        self.refit_inputs: dict[str, np.ndarray] = {}
+        self.ridge = 1e-3
         self.keep: dict[str, np.ndarray] = {}
         for name, ci in analysis.info.items():
             mask = ~np.isin(ci.ids, self.removed)
@@ -48,17 +64,21 @@ class Rewriter:
         return out
 
     def apply(self, compensation: "dict[str, dict] | None" = None,
-              refit_inputs: "dict[str, np.ndarray] | None" = None, ridge: float = 1e-3) -> None:
+              refit_inputs: "dict[str, np.ndarray] | None" = None, ridge: float = 1e-3) -> list[RefitItem]:
         """Edit every node. ``compensation``: consumer input name -> statistics of the removed
         positions (their mean replaces them); ``refit_inputs``: consumer input name -> its
-        activations, for a least-squares refit of the consumer instead (``reconstruct``)."""
+        activations, for a least-squares refit of the consumer instead (``reconstruct``).
+        Returns the refit plan: the consumers refitted, in graph order at the time of the call."""
         compensation = compensation or {}
         self.refit_inputs = refit_inputs or {}
         self.ridge = ridge
+        plan: list[RefitItem] = []
         for node in list(self.graph.nodes):
             op = node.op
             if op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and _const(node.inputs[1]) is not None:
-                self._weighted(node, compensation)
+                item = self._weighted(node, compensation)
+                if item is not None:
+                    plan.append(item)
             elif op in ("BatchNormalization", "InstanceNormalization"):
                 m = self.mask(node.inputs[0])
                 if m is not None:
@@ -73,6 +93,7 @@ class Rewriter:
                 self._slice(node)
             elif op == "Reshape":
                 self._reshape(node)
+        return plan
 
     # ---------------------------------------------------------------------------------------
     def _slice_input(self, node: gs.Node, index: int, mask: np.ndarray, axis: int) -> None:
@@ -80,7 +101,8 @@ class Rewriter:
         new = np.compress(mask, v, axis=axis)
         node.inputs[index] = self.graph.add_constant(f"{node.inputs[index].name}.pruned", np.ascontiguousarray(new))
 
-    def _weighted(self, node: gs.Node, compensation) -> None:
+    def _weighted(self, node: gs.Node, compensation) -> "RefitItem | None":
+        """Slice a weighted node's filters and input channels; a refitted consumer is returned."""
         w = _const(node.inputs[1])
         op = node.op
         group = int(node.attrs.get("group", 1))
@@ -97,21 +119,20 @@ class Rewriter:
             node.inputs[1] = self.graph.add_constant(f"{node.inputs[1].name}.pruned", np.ascontiguousarray(w))
             if out_mask is not None and len(node.inputs) > 2 and node.inputs[2] is not None:
                 self._slice_input(node, 2, out_mask, 0)
-            return
+            return None
         if op == "Conv" and group > 1:  # depthwise: in = out, one filter per channel
             m = in_mask if in_mask is not None else out_mask
             if m is None:
-                return
+                return None
             w = w[m]
             node.attrs["group"] = int(m.sum())
             node.inputs[1] = self.graph.add_constant(f"{node.inputs[1].name}.pruned", w)
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 self._slice_input(node, 2, m, 0)
-            return
-        if in_mask is not None and node.inputs[0].name in getattr(self, "refit_inputs", {}) \
+            return None
+        if in_mask is not None and node.inputs[0].name in self.refit_inputs \
                 and op in ("Conv", "Gemm", "MatMul") and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET"):
-            self._refit(node, w, in_mask, out_mask, trans_b)
-            return
+            return self._refit(node, w, in_mask, out_mask, trans_b)
         out_axis = {"Conv": 0, "ConvTranspose": 1, "Gemm": 0 if trans_b else 1, "MatMul": 1}[op]
         in_axis = {"Conv": 1, "ConvTranspose": 0, "Gemm": 1 if trans_b else 0, "MatMul": 0}[op]
         bias_add = None
@@ -132,13 +153,13 @@ class Rewriter:
             node.inputs[2] = self.graph.add_constant(f"{node.inputs[2].name}.pruned", np.ascontiguousarray(b))
         if bias_add is not None:
             self._add_bias(node, bias_add, out_mask)
+        return None
 
-    def _refit(self, node, w, in_mask, out_mask, trans_b) -> None:
+    def _refit(self, node, w, in_mask, out_mask, trans_b) -> RefitItem:
         from .recover import refit
 
         op = node.op
-        node._refit_target = node.outputs[0].name  # original output, for the sequential refit
-        node._refit_out_mask = out_mask
+        item = RefitItem(node, node.outputs[0].name, out_mask)  # before a MatMul's output moves
         bias = _const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
         if op == "Gemm":
             w_eff = (w.T if trans_b else w).astype(np.float64) * float(node.attrs.get("alpha", 1.0))
@@ -153,12 +174,13 @@ class Rewriter:
         node.inputs[1] = self.graph.add_constant(f"{node.inputs[1].name}.refit", np.ascontiguousarray(new_w.astype(w.dtype)))
         if op == "MatMul":
             self._add_bias(node, new_b.astype(np.float64), None)
-            return
+            return item
         b_const = self.graph.add_constant(f"{_label(node)}.bias_refit", new_b.astype(w.dtype))
         if bias is not None:
             node.inputs[2] = b_const
         else:
             node.inputs.append(b_const)
+        return item
 
     def _compensation(self, node, w, in_mask, comp, in_axis):
         """What the removed inputs contributed, as a bias vector or (dead channels through a

@@ -150,3 +150,27 @@ def test_real_ppocr_models_prune_at_0_3(corpus_paths, mid):
     assert frozen and all("(" in r or "graph output" in r for r in frozen)  # each names the op or output
     for f in report.fidelity.values():
         assert "error" not in f and 0 < f["cosine"] <= 1.0000001  # output shapes kept, agreement reported
+
+
+def test_rewriter_returns_the_refit_plan():
+    """``Rewriter.apply`` hands back what it refitted (consumer, original output, kept outputs);
+    nothing is stored on the graph's nodes."""
+    from onnx import helper as h
+
+    from graphs import init, make_model, vi
+    from onnxslim_cnn.passes.prune.rewrite import RefitItem, Rewriter
+
+    rng = np.random.default_rng(3)
+    nodes = [h.make_node("Conv", ["x", "w1"], ["a"], name="c1", pads=[1] * 4), h.make_node("Relu", ["a"], ["r"]),
+             h.make_node("Conv", ["r", "w2", "b2"], ["y"], name="c2")]
+    m = make_model(nodes, [vi("x", ["N", 3, 6, 6])], [vi("y", ["N", 5, 6, 6])],
+                   [init("w1", rng.normal(size=(4, 3, 3, 3))), init("w2", rng.normal(size=(5, 4, 1, 1))),
+                    init("b2", rng.normal(size=5))])
+    graph = Graph.from_model(m)
+    a = analyze(graph)
+    rewriter = Rewriter(graph, a, a.producers["c1"].ids[:2])
+    plan = rewriter.apply({}, {"r": np.maximum(rng.normal(size=(8, 4, 6, 6)), 0).astype(np.float32)})
+    c2 = next(n for n in graph.nodes if n.name == "c2")
+    assert plan == [RefitItem(c2, "y", None)]
+    assert plan[0].node is c2
+    assert not any(k.startswith("_refit") for n in graph.nodes for k in vars(n))
