@@ -1,8 +1,9 @@
 """Pass ``prune``: structured filter/neuron pruning driven by the channel dependency analysis.
 
 1. ``analysis.channels.analyze`` groups coupled channels and freezes what it cannot follow.
-2. Each pruning unit (a class of coupled channels) gets an importance: the criterion's score of
-   every member filter, normalised per producer (so a residual stream's convs count alike), summed.
+2. Each pruning unit (a class of coupled channels) gets an importance (``prune.importance``, one
+   class per ``criterion``): the criterion's score of every member filter, normalised per
+   producer (so a residual stream's convs count alike), summed.
 3. Allocation picks the least important units: the same ratio in every group (``scope=uniform``)
    or one threshold across all groups (``scope=global``), per-layer overrides, protected layers,
    and channel counts kept a multiple of ``round_to``.
@@ -16,13 +17,13 @@ import dataclasses
 from typing import Literal
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from onnxslim_cnn.analysis.channels import ChannelAnalysis, ChannelGroup, analyze
 from onnxslim_cnn.graph import Graph
 from onnxslim_cnn.options import option
 from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
 
+from .importance import IMPORTANCE
 from .rewrite import RefitItem, Rewriter
 
 
@@ -61,7 +62,7 @@ class PrunePass(Pass):
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
         o = self.options
-        return o.criterion in ("activation", "reconstruction") or o.compensate or o.reconstruct
+        return IMPORTANCE[o.criterion].needs_calibration or o.compensate or o.reconstruct
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
@@ -70,7 +71,7 @@ class PrunePass(Pass):
         protected = set(o.protect)
         if o.protect_first:
             protected |= _first_convs(graph, analysis)
-        scores = _importance(graph, analysis, o.criterion, ctx)
+        scores = IMPORTANCE[o.criterion]()(graph, analysis, ctx)
         removed_units: dict[int, list[int]] = {}
         for group in analysis.groups:
             if group.frozen:
@@ -150,92 +151,6 @@ def _global(groups: list[ChannelGroup], scores, o: PruneOptions) -> dict[int, li
             while taken[g.index] and (g.channels - len(taken[g.index])) % o.round_to:
                 taken[g.index].pop()
     return taken
-
-
-# --------------------------------------------------------------------------- importance
-
-
-def _filter_scores(p, criterion: str) -> np.ndarray:
-    w = np.asarray(p.node.inputs[1].values, np.float64)
-    node = p.node
-    if p.kind == "conv":
-        flat = w.reshape(w.shape[0], -1)
-    elif p.kind == "convtranspose":
-        g = int(node.attrs.get("group", 1))
-        flat = np.moveaxis(w.reshape(g, w.shape[0] // g, w.shape[1], -1), 2, 1).reshape(g * w.shape[1], -1)
-    elif p.kind == "gemm" and node.attrs.get("transB", 0):
-        flat = w
-    else:
-        flat = w.T
-    return np.abs(flat).sum(1) if criterion == "l1" else np.sqrt((flat ** 2).sum(1))
-
-
-def _bn_gamma(graph: Graph, p) -> "np.ndarray | None":
-    out = p.node.outputs[0]
-    users = list(out.outputs)
-    if len(users) == 1 and users[0].op == "BatchNormalization" and isinstance(users[0].inputs[1], gs.Constant):
-        return np.abs(np.asarray(users[0].inputs[1].values, np.float64))
-    if len(users) == 1 and users[0].op == "Mul":  # BN exported as Mul + Add
-        for t in users[0].inputs:
-            if isinstance(t, gs.Constant) and np.asarray(t.values).size == len(p.ids):
-                return np.abs(np.asarray(t.values, np.float64).reshape(-1))
-    return None
-
-
-def _importance(graph: Graph, a: ChannelAnalysis, criterion: str, ctx: PassContext) -> dict[int, dict[int, float]]:
-    per_id = np.zeros(len(a.parent))
-    acts = {}
-    if criterion == "activation":
-        names = [p.node.outputs[0].name for p in a.producers.values()]
-        acts = ctx.activations(graph.source, names)
-    for name, p in a.producers.items():
-        if criterion == "reconstruction":
-            break  # scored per consumer below
-        if criterion in ("l1", "l2"):
-            s = _filter_scores(p, criterion)
-        elif criterion == "bn_gamma":
-            s = _bn_gamma(graph, p)
-            if s is None:  # no BN after this producer: its filter norm stands in
-                s = _filter_scores(p, "l1")
-        else:
-            x = acts[p.node.outputs[0].name]
-            axis = a.info[p.node.outputs[0].name].axis
-            s = np.abs(x).mean(axis=tuple(i for i in range(x.ndim) if i != axis))
-        mean = float(np.mean(s)) if np.mean(s) > 0 else 1.0
-        per_id[p.ids] = s / mean  # normalised so coupled producers weigh alike
-    if criterion == "reconstruction":
-        per_id = _reconstruction_scores(graph, a, ctx)
-    out: dict[int, dict[int, float]] = {}
-    for g in a.groups:
-        out[g.index] = {u: float(per_id[ids].sum()) for u, ids in g.unit_ids.items()}
-    return out
-
-
-def _reconstruction_scores(graph: Graph, a: ChannelAnalysis, ctx: PassContext) -> np.ndarray:
-    """Per id: summed over the layers that consume it, the output error left after removing it
-    and refitting (``prune.recover.removal_errors``). Ids no layer consumes score by weight norm."""
-    from .recover import removal_errors
-
-    per_id = np.full(len(a.parent), np.nan)
-    consumers = [n for n in graph.nodes if n.op in ("Conv", "Gemm", "MatMul") and int(n.attrs.get("group", 1)) == 1
-                 and isinstance(n.inputs[1], gs.Constant) and n.inputs[0].name in a.info
-                 and not (n.op == "Gemm" and n.attrs.get("transA", 0))]
-    acts = ctx.activations(graph.source, sorted({n.inputs[0].name for n in consumers}))
-    for n in consumers:
-        w = np.asarray(n.inputs[1].values)
-        if n.op == "Gemm" and n.attrs.get("transB", 0):
-            w = w.T
-        ci = a.info[n.inputs[0].name]
-        x = acts[n.inputs[0].name]
-        if n.op != "Conv":
-            x = np.moveaxis(x, ci.axis, -1)
-        for i, err in removal_errors(n.op, dict(n.attrs), w, x, ci.ids).items():
-            per_id[i] = err if np.isnan(per_id[i]) else per_id[i] + err
-    fallback = np.zeros(len(a.parent))
-    for p in a.producers.values():
-        s = _filter_scores(p, "l2")
-        fallback[p.ids] = s / (s.mean() or 1.0) * 1e3  # unconsumed ids: keep unless nothing else goes
-    return np.where(np.isnan(per_id), fallback, per_id)
 
 
 def _compensation(graph: Graph, rewriter: Rewriter, ctx: PassContext) -> dict[str, dict]:

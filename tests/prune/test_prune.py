@@ -174,3 +174,17 @@ def test_rewriter_returns_the_refit_plan():
     assert plan == [RefitItem(c2, "y", None)]
     assert plan[0].node is c2
     assert not any(k.startswith("_refit") for n in graph.nodes for k in vars(n))
+
+
+def test_every_criterion_has_an_importance_class():
+    import dataclasses
+    import typing
+
+    from onnxslim_cnn.passes.prune.importance import IMPORTANCE, Importance
+    from onnxslim_cnn.passes.prune.prune import PruneOptions
+
+    field = next(f for f in dataclasses.fields(PruneOptions) if f.name == "criterion")
+    hint = typing.get_type_hints(PruneOptions)["criterion"]
+    assert list(IMPORTANCE) == list(typing.get_args(hint)) and field.default in IMPORTANCE
+    assert all(issubclass(c, Importance) for c in IMPORTANCE.values())
+    assert sorted(k for k, c in IMPORTANCE.items() if c.needs_calibration) == ["activation", "reconstruction"]
