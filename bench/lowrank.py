@@ -33,7 +33,7 @@ import onnxslim_cnn
 from _common import emit, machine  # bench/ is on sys.path when a script here runs
 from onnxslim_cnn.analysis import calibration
 from onnxslim_cnn.analysis.fidelity import fidelity
-from onnxslim_cnn.analysis.runtime_session import make_session
+from onnxslim_cnn.sessions import make_session
 from onnxslim_cnn.models import digits, reference
 
 
@@ -107,7 +107,7 @@ def layer_timings(before: onnx.ModelProto, after: onnx.ModelProto, changes: list
 
 
 def _input_sizes(model: onnx.ModelProto, shape: tuple) -> dict:
-    from onnxslim_cnn.graph import inferred, with_static_inputs
+    from onnxslim_cnn.model_io import inferred, with_static_inputs
 
     info = inferred(with_static_inputs(model, {"input": shape}))
     out = {"input": shape[2:]}

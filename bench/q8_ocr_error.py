@@ -29,7 +29,7 @@ from onnx import numpy_helper
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import emit, machine  # noqa: E402
 
-from onnxslim_cnn.analysis.runtime_session import make_session  # noqa: E402
+from onnxslim_cnn.sessions import make_session  # noqa: E402
 from onnxslim_cnn.passes.q8.q8 import Q8Pass, _name_nodes, _Reader  # noqa: E402
 from onnxslim_cnn.passes.q8.equalize import quantize_weight_like_ort, weight_axis  # noqa: E402
 from onnxslim_cnn.passes.slim import SlimPass  # noqa: E402

@@ -39,7 +39,7 @@ import onnx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import emit, machine  # noqa: E402
 
-from onnxslim_cnn.analysis.runtime_session import make_session  # noqa: E402
+from onnxslim_cnn.sessions import make_session  # noqa: E402
 from onnxslim_cnn.models import digits  # noqa: E402
 from onnxslim_cnn.passes.fp16 import Fp16Pass  # noqa: E402
 from onnxslim_cnn.passes.q8.q8 import Q8Pass, _Reader  # noqa: E402

@@ -18,7 +18,8 @@ from typing import Any
 import onnx
 
 from .errors import UserError
-from .graph import Graph, load_model, save_model
+from .graph import Graph
+from .model_io import load_model, save_model
 from .pipeline import Pass, PassContext, PassResult, available_passes, get_pass, register_pass, run_pipeline
 from .report import Report
 

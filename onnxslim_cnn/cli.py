@@ -122,7 +122,7 @@ def run(argv: "list[str] | None" = None) -> int:
 
     from .analysis.calibration import parse_input_shapes
     from .files import check_outputs, write_atomic
-    from .graph import save_model
+    from .model_io import save_model
     from .options import load_recipe, parse_set
     from .pipeline import run_pipeline
 

@@ -22,10 +22,11 @@ from .analysis.cost import model_stats
 from .analysis.fidelity import fidelity as measure_fidelity
 from .analysis.fidelity import latency as measure_latency
 from .analysis.fidelity import reference_outputs
-from .analysis.runtime_session import make_session
 from .errors import UserError
-from .graph import Graph, check_model, load_model
+from .graph import Graph
+from .model_io import check_model, load_model
 from .options import NoOptions, make_options
+from .sessions import make_session
 
 # --------------------------------------------------------------------------- results
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ..graph import inferred
+from ..model_io import inferred
 from .calibration import CalibrationData
-from .runtime_session import make_session, run_chunks
+from ..sessions import make_session, run_chunks
 
 
 def capture(model: onnx.ModelProto, names: list[str], calib: CalibrationData) -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from ..graph import inferred, model_bytes, skeleton, with_static_inputs
+from ..model_io import inferred, model_bytes, skeleton, with_static_inputs
 
 # Element types that hold learned weights. Integer shape/axes tensors (int32/int64) are not
 # parameters; int8/uint8/int4 are (quantized weights).

@@ -7,15 +7,14 @@ import time
 import numpy as np
 import onnx
 
+from ..sessions import make_session
 from .calibration import CalibrationData
-from .runtime_session import make_session, run_chunks
+from .compare import cosine, flat, run, session_of
 
 
 def reference_outputs(model: onnx.ModelProto, calib: CalibrationData,
                       session=None) -> tuple[list[str], list[list[np.ndarray]]]:
-    sess = session or make_session(model)
-    names = [o.name for o in sess.get_outputs()]
-    return names, run_chunks(sess, calib.inputs, calib.batch)
+    return run(session or model, calib)
 
 
 def compare(names: list[str], ref: list[list[np.ndarray]], new: list[list[np.ndarray]]) -> dict:
@@ -30,15 +29,13 @@ def compare(names: list[str], ref: list[list[np.ndarray]], new: list[list[np.nda
         if shapes_ref != shapes_new:
             out[name] = {"error": f"shape changed: {shapes_ref[0]} -> {shapes_new[0]}"}
             continue
-        r = np.concatenate([np.asarray(c[i], dtype=np.float64).ravel() for c in ref])
-        n = np.concatenate([np.asarray(c[i], dtype=np.float64).ravel() for c in new])
+        r, n = flat(ref, i), flat(new, i)
         diff = np.abs(r - n)
         scale = float(np.max(np.abs(r))) if r.size else 0.0
-        denom = float(np.linalg.norm(r) * np.linalg.norm(n))
         entry = {
             "max_abs_error": float(diff.max()) if diff.size else 0.0,
             "rel_error": float(diff.max() / scale) if diff.size and scale > 0 else float(diff.max() if diff.size else 0.0),
-            "cosine": float(np.dot(r, n) / denom) if denom > 0 else (1.0 if np.array_equal(r, n) else 0.0),
+            "cosine": cosine(r, n),
         }
         if all(np.ndim(c[i]) == 2 and np.shape(c[i])[1] > 1 for c in ref):
             agree = [np.argmax(a[i], axis=1) == np.argmax(b[i], axis=1) for a, b in zip(ref, new)]
@@ -51,9 +48,9 @@ def fidelity(original: onnx.ModelProto, rewritten: onnx.ModelProto, calib: Calib
              reference: "tuple[list[str], list[list[np.ndarray]]] | None" = None, session=None) -> dict:
     """``session``: an ORT session already built for ``rewritten`` (saves a reload)."""
     names, ref = reference or reference_outputs(original, calib)
-    sess = session or make_session(rewritten)
+    sess = session_of(session or rewritten)
     new_names = [o.name for o in sess.get_outputs()]
-    new = run_chunks(sess, calib.inputs, calib.batch, output_names=names if set(names) <= set(new_names) else None)
+    _, new = run(sess, calib, output_names=names if set(names) <= set(new_names) else None)
     return compare(names, ref, new)
 
 

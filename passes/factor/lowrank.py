@@ -22,7 +22,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxslim_cnn.errors import UserError
-from onnxslim_cnn.graph import Graph, inferred, skeleton, with_static_inputs
+from onnxslim_cnn.graph import Graph
+from onnxslim_cnn.model_io import inferred, skeleton, with_static_inputs
 from onnxslim_cnn.options import option
 from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
 

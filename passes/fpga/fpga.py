@@ -100,7 +100,7 @@ class FpgaPass(Pass):
 
 def lower_model(model, *, calib=None, options: "dict | None" = None, input_shapes=None, seed: int = 0) -> FpgaLowering:
     """API: run the fpga pass on a model (path or ModelProto) and return its lowering."""
-    from onnxslim_cnn.graph import load_model
+    from onnxslim_cnn.model_io import load_model
     from onnxslim_cnn.pipeline import PassContext
 
     original = load_model(model)

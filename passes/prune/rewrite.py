@@ -242,7 +242,7 @@ class Rewriter:
         _, wr, fmap = spec
         from onnx import TensorProto, helper, numpy_helper
 
-        from onnxslim_cnn.analysis.runtime_session import make_session
+        from onnxslim_cnn.sessions import make_session
 
         attrs = {k: v for k, v in node.attrs.items() if k in ("pads", "strides", "dilations", "auto_pad", "kernel_shape")}
         g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], **attrs)], "m",

@@ -296,7 +296,7 @@ def bias_correct(model: onnx.ModelProto, calib, per_channel: bool, exclude: "set
     One ORT run over ``calib`` measures all shifts (see the module docstring). Returns the new
     model, one record per corrected layer and (layer, reason) for those left alone.
     """
-    from onnxslim_cnn.analysis.runtime_session import make_session, run_chunks
+    from onnxslim_cnn.sessions import make_session, run_chunks
 
     inits = {t.name: t for t in model.graph.initializer}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxslim_cnn.analysis.runtime_session import make_session, run_chunks
+from onnxslim_cnn.analysis.compare import least_cosine, outputs
 
 _QDQ = {"QuantizeLinear", "DequantizeLinear"}
 # Activations ORT fuses into the layer before them: a layer kept float keeps these float too, or
@@ -49,23 +49,6 @@ def with_fused_activations(model: onnx.ModelProto, names: list[str]) -> list[str
         if len(users) == 1 and users[0].op_type in _FUSED_ACTIVATIONS and users[0].name not in out:
             out.append(users[0].name)
     return out
-
-
-def _outputs(model: onnx.ModelProto, calib, optimize: bool = True) -> list[np.ndarray]:
-    # optimize=False for the one-layer simulations: ORT's graph fusions changed the values of
-    # these hand-made Q/DQ graphs by a quantization step (measured), plain QDQ semantics do not.
-    sess = make_session(model, optimize=optimize)
-    names = [o.name for o in model.graph.output]
-    chunks = run_chunks(sess, calib.inputs, calib.batch, output_names=names)
-    return [np.concatenate([np.asarray(c[i], np.float64).ravel() for c in chunks]) for i in range(len(names))]
-
-
-def least_cosine(ref: list[np.ndarray], new: list[np.ndarray]) -> float:
-    cos = []
-    for a, b in zip(ref, new):
-        den = float(np.linalg.norm(a) * np.linalg.norm(b))
-        cos.append(float(a @ b / den) if den > 0 else float(np.array_equal(a, b)))
-    return min(cos)
 
 
 def _dequantize(q: np.ndarray, scale: np.ndarray, zero: "np.ndarray | None", axis: int) -> np.ndarray:
@@ -212,17 +195,17 @@ def choose_float_layers(model: onnx.ModelProto, quantize: Callable[[onnx.ModelPr
     ``quantize(model, exclude, dst)`` writes the tool's QDQ model with ``exclude`` kept float.
     Returns (chosen names, report: sensitivities, trials, the cosine reached).
     """
-    reference = _outputs(model, calib)
+    reference = outputs(model, calib)
 
     def measure(extra: list[str]) -> float:
         dst = os.path.join(tmp, "mixed_trial.onnx")
         quantize(model, with_fused_activations(model, keep + extra), dst)
-        return least_cosine(reference, _outputs(onnx.load(dst), calib))
+        return least_cosine(reference, outputs(onnx.load(dst), calib))
 
     full_path = os.path.join(tmp, "mixed_full.onnx")
     quantize(model, keep, full_path)
     qm = _QuantizedModel(onnx.load(full_path))
-    full_cos = least_cosine(reference, _outputs(qm.model, calib))
+    full_cos = least_cosine(reference, outputs(qm.model, calib))
     candidates = [c for c in qm.candidates() if c not in keep]
     report = {"budget_cosine": budget, "cosine_all_quantized": full_cos, "candidates": len(candidates),
               "sensitivity": {}, "trials": []}
@@ -234,10 +217,12 @@ def choose_float_layers(model: onnx.ModelProto, quantize: Callable[[onnx.ModelPr
         import dataclasses
 
         ranking_calib = dataclasses.replace(calib, inputs={k: v[:sensitivity_samples] for k, v in calib.inputs.items()})
-        ranking_ref = _outputs(model, ranking_calib)
+        ranking_ref = outputs(model, ranking_calib)
     sens = {}
     for c in candidates:
-        sim = _outputs(single_layer_model(model, qm, c), ranking_calib, optimize=False)
+        # optimize=False for the one-layer simulations: ORT's graph fusions changed the values of
+        # these hand-made Q/DQ graphs by a quantization step (measured), plain QDQ semantics do not.
+        sim = outputs(single_layer_model(model, qm, c), ranking_calib, optimize=False)
         sens[c] = 1.0 - least_cosine(ranking_ref, sim)
     order = sorted(candidates, key=lambda c: (-sens[c], c))
     report["sensitivity"] = {c: round(sens[c], 6) for c in order}
@@ -299,7 +284,7 @@ def weight_sensitive_layers(model: onnx.ModelProto, calib, count: int, exclude: 
     """
     from .equalize import quantize_weight_like_ort, weight_axis
 
-    ref = _outputs(model, calib, optimize=False)
+    ref = outputs(model, calib, optimize=False)
     inits = {t.name: t for t in model.graph.initializer}
     readers: dict[str, int] = {}
     for n in model.graph.node:
@@ -318,6 +303,6 @@ def weight_sensitive_layers(model: onnx.ModelProto, calib, count: int, exclude: 
         trial.CopyFrom(model)
         target = next(t for t in trial.graph.initializer if t.name == node.input[1])
         target.CopyFrom(numpy_helper.from_array(quantize_weight_like_ort(w, axis), node.input[1]))
-        sensitivity[node.name] = 1.0 - least_cosine(ref, _outputs(trial, calib, optimize=False))
+        sensitivity[node.name] = 1.0 - least_cosine(ref, outputs(trial, calib, optimize=False))
     ranked = sorted(sensitivity, key=lambda n: -sensitivity[n])
     return ranked[:count], dict(sorted(sensitivity.items(), key=lambda kv: -kv[1]))

@@ -30,6 +30,7 @@ import onnx_graphsurgeon as gs
 
 from onnxslim_cnn.errors import UserError
 from onnxslim_cnn.graph import Graph, _without_graph
+from onnxslim_cnn.model_io import needs_external_data, save_model
 from onnxslim_cnn.options import option
 from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
 
@@ -40,7 +41,6 @@ _QUANT_PREFIXES = ("QLinear", "DynamicQuantize", "QGemm", "QAttention")
 _INT8_PREFIXES = ("QLinear", "QGemm", "QAttention", "QEmbed", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
                   "ConvInteger", "MatMulInteger", "NhwcQLinear")
 _QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
-_BIG_MODEL = 1_800_000_000  # protobuf limit is 2 GiB; above this, weights go to external data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,26 +110,12 @@ class _Reader:
         self.reader = Reader()
 
 
-def _save(model: onnx.ModelProto, path: str) -> bool:
-    big = model.ByteSize() > _BIG_MODEL
-    if big:
-        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=os.path.basename(path) + ".data")
-    else:
-        onnx.save_model(model, path)
-    return big
-
-
 def kernel_stats(model_path: str, work_dir: str) -> dict:
     """Load ``model_path`` in ORT at ORT_ENABLE_ALL and count what the optimized graph runs."""
-    import onnxruntime as ort
+    from onnxslim_cnn.sessions import make_session
 
     opt_path = os.path.join(work_dir, "ort_optimized.onnx")
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.optimized_model_filepath = opt_path
-    so.log_severity_level = 3
-    ort.InferenceSession(model_path, sess_options=so, providers=["CPUExecutionProvider"])
+    make_session(model_path, optimized_model_filepath=opt_path)  # optimize=True: ORT_ENABLE_ALL
     optimized = onnx.load(opt_path, load_external_data=False)
     nodes = list(optimized.graph.node)
     producer = {o: n for n in nodes for o in n.output}
@@ -197,7 +183,8 @@ def _quantize_with_ort(model: onnx.ModelProto, o: Q8Options, ctx: PassContext, e
     )
 
     src = os.path.join(tmp, "float.onnx")
-    big = _save(model, src)
+    save_model(model, src)
+    big = needs_external_data(model)  # the tool then writes its output with external data too
     if o.dynamic:
         quantize_dynamic(src, dst, per_channel=o.per_channel, weight_type=QuantType.QInt8,
                          nodes_to_exclude=list(exclude) or None, use_external_data_format=big)
@@ -221,7 +208,7 @@ def _quantize_with_ort(model: onnx.ModelProto, o: Q8Options, ctx: PassContext, e
 
         float_producers = {t: n.name for n in model.graph.node for t in n.output}
         float_producers.update({i.name: i.name for i in model.graph.input})
-        _save(float_islands(onnx.load(tool_out), list(exclude), float_producers), dst)
+        save_model(float_islands(onnx.load(tool_out), list(exclude), float_producers), dst)
 
 
 _WEIGHTED = ["Conv", "ConvTranspose", "MatMul", "Gemm"]
@@ -230,7 +217,8 @@ _WEIGHTED = ["Conv", "ConvTranspose", "MatMul", "Gemm"]
 def _refit(reference: onnx.ModelProto, dst: str, o: Q8Options, ctx: PassContext, result: PassResult) -> None:
     """refit_weights on the tool's output at ``dst`` (rewritten in place), kept only when it raises
     the least output cosine to ``reference`` on the calibration data."""
-    from .mixed import _outputs, least_cosine
+    from onnxslim_cnn.analysis.compare import least_cosine, outputs
+
     from .refit import refit
 
     tool = onnx.load(dst)
@@ -239,9 +227,9 @@ def _refit(reference: onnx.ModelProto, dst: str, o: Q8Options, ctx: PassContext,
         result.skip(item, why)
     if not records:
         return
-    ref = _outputs(reference, ctx.calibration)
-    before = least_cosine(ref, _outputs(tool, ctx.calibration))
-    after = least_cosine(ref, _outputs(fitted, ctx.calibration))
+    ref = outputs(reference, ctx.calibration)
+    before = least_cosine(ref, outputs(tool, ctx.calibration))
+    after = least_cosine(ref, outputs(fitted, ctx.calibration))
     result.stats["refit"] = {"layers": len(records), "calibration_cosine_nearest": round(before, 6),
                              "calibration_cosine_refit": round(after, 6), "applied": after > before}
     if not after > before:
@@ -249,7 +237,7 @@ def _refit(reference: onnx.ModelProto, dst: str, o: Q8Options, ctx: PassContext,
         return
     for rec in records:
         result.change(rec.pop("layer"), "weights_refit", **rec)
-    _save(fitted, dst)
+    save_model(fitted, dst)
 
 
 def _mse_overrides(model: onnx.ModelProto, calib, ctx: PassContext) -> dict:

@@ -37,7 +37,7 @@ from onnx import helper, numpy_helper
 
 from onnxslim_cnn.analysis.calibration import CalibrationData
 from onnxslim_cnn.analysis.conv_patches import ConvGeometry, node_attrs, patches
-from onnxslim_cnn.analysis.runtime_session import make_session, run_chunks
+from onnxslim_cnn.sessions import make_session, run_chunks
 
 from .mixed import dequantized_constant
 

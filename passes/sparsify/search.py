@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxslim_cnn.analysis.runtime_session import make_session, run_chunks
+from onnxslim_cnn.analysis.compare import outputs
 
 
 def search_ratios(base: onnx.ModelProto, calib, layers: list, budget: float, max_ratio: float, steps: int,
@@ -33,7 +33,7 @@ def search_ratios(base: onnx.ModelProto, calib, layers: list, budget: float, max
     index = {t.name: i for i, t in enumerate(base.graph.initializer)}
     work = onnx.ModelProto()
     work.CopyFrom(base)
-    dense = _outputs(work, calib)
+    dense = _all_outputs(work, calib)
     norm = float(np.linalg.norm(dense)) or 1.0
     found = {}
     for layer in layers:
@@ -46,7 +46,7 @@ def search_ratios(base: onnx.ModelProto, calib, layers: list, budget: float, max
         def error(ratio: float, layer=layer, i=i) -> float:
             new = prune(layer, ratio)
             work.graph.initializer[i].CopyFrom(numpy_helper.from_array(new, layer.weight.name))
-            return float(np.linalg.norm(_outputs(work, calib) - dense)) / norm
+            return float(np.linalg.norm(_all_outputs(work, calib) - dense)) / norm
 
         lo, lo_err = 0.0, 0.0
         hi_err = error(max_ratio)
@@ -66,7 +66,6 @@ def search_ratios(base: onnx.ModelProto, calib, layers: list, budget: float, max
     return found
 
 
-def _outputs(model: onnx.ModelProto, calib) -> np.ndarray:
-    session = make_session(model)
-    chunks = run_chunks(session, calib.inputs, calib.batch)
-    return np.concatenate([np.asarray(c[j], dtype=np.float64).ravel() for j in range(len(chunks[0])) for c in chunks])
+def _all_outputs(model: onnx.ModelProto, calib) -> np.ndarray:
+    """Every output on ``calib``, one after the other, as one float64 vector."""
+    return np.concatenate(outputs(model, calib))

@@ -1,4 +1,4 @@
-"""graph.py: loading without side effects, external data, atomic saves, round trips, editing helpers."""
+"""model_io.py: loading without side effects, external data, atomic saves; graph.py: round trips, editing helpers."""
 
 import sys
 
@@ -9,11 +9,12 @@ import pytest
 from onnx import helper as h
 
 import onnxslim_cnn
-import onnxslim_cnn.analysis.runtime_session as runtime_session
+import onnxslim_cnn.sessions as sessions
 from graphs import assert_same_outputs, conv_bn_model, init, make_model, run, vi
-from onnxslim_cnn import graph as graph_mod
+from onnxslim_cnn import model_io
 from onnxslim_cnn.errors import UserError
-from onnxslim_cnn.graph import Graph, load_model, save_model
+from onnxslim_cnn.graph import Graph
+from onnxslim_cnn.model_io import load_model, save_model
 
 FEED = {"x": np.random.default_rng(1).standard_normal((2, 4, 8, 8)).astype(np.float32)}
 
@@ -47,7 +48,7 @@ def only_files(folder):
 
 @pytest.fixture
 def tiny_threshold(monkeypatch):
-    # Patch it also in every module that imported the constant by name (runtime_session did).
+    # Patch it also in every module that imported the constant by name.
     for name, module in list(sys.modules.items()):
         if name.startswith("onnxslim_cnn") and hasattr(module, "EXTERNAL_DATA_THRESHOLD"):
             monkeypatch.setattr(module, "EXTERNAL_DATA_THRESHOLD", 1000)
@@ -146,10 +147,10 @@ def test_save_over_threshold_with_only_small_tensors(tmp_path, tiny_threshold):
 def test_large_path_session_check_and_compress(tiny_threshold):
     # make_session, check_model and infer_shapes go through files with external data.
     m = big_model()
-    sess = runtime_session.make_session(m)
+    sess = sessions.make_session(m)
     np.testing.assert_array_equal(sess.run(None, FEED)[0], run(m, FEED)[0])
-    graph_mod.check_model(m)
-    inferred = graph_mod.infer_shapes(m)
+    model_io.check_model(m)
+    inferred = model_io.infer_shapes(m)
     assert any(v.name == "c" for v in inferred.graph.value_info)
     out, report = onnxslim_cnn.compress(m)
     assert report.passes[0].status == "ok"

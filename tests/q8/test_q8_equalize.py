@@ -184,7 +184,7 @@ def test_single_layer_model_matches_the_qdq_model():
     followed by the tool's output QuantizeLinear/DequantizeLinear is the QDQ model itself."""
     from onnxslim_cnn.passes.q8.mixed import _QuantizedModel, single_layer_model
 
-    from onnxslim_cnn.analysis.runtime_session import make_session
+    from onnxslim_cnn.sessions import make_session
 
     rng = np.random.default_rng(6)
     nodes = [h.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
@@ -225,7 +225,7 @@ def test_keep_float_auto_meets_budget_and_reports():
             assert producers.get(n.input[1]) != "DequantizeLinear"
     assert {c["item"] for c in result.changes if c["action"] == "kept_float"} == set(kept)
     # the report's cosine is the real one of the model returned
-    from onnxslim_cnn.passes.q8.mixed import least_cosine
+    from onnxslim_cnn.analysis.compare import least_cosine
     ref, new = run(model, {"input": x}), run(quantized, {"input": x})
     assert abs(least_cosine([r.ravel().astype(np.float64) for r in ref],
                             [q.ravel().astype(np.float64) for q in new]) - mixed["cosine"]) < 1e-6

@@ -8,7 +8,7 @@ import pytest
 from graphs import run, user_error
 
 import onnxslim_cnn
-from onnxslim_cnn.graph import check_model
+from onnxslim_cnn.model_io import check_model
 from onnxslim_cnn.models import digits
 from onnxslim_cnn.passes import share as share_mod
 from onnxslim_cnn.passes.share import SharePass

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 
 import onnxslim_cnn
-from onnxslim_cnn.graph import check_model
+from onnxslim_cnn.model_io import check_model
 from onnxslim_cnn.models import digits, reference
 from onnxslim_cnn.passes.fp16 import Fp16Pass
 from onnxslim_cnn.passes.sparsify import SparsifyPass
