@@ -7,6 +7,9 @@ caller runs dead-code elimination after each.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -25,44 +28,101 @@ def _single_use(graph: Graph, t: gs.Tensor) -> bool:
 # --------------------------------------------------------------------------- identities
 
 
-def _is_noop(graph: Graph, node: gs.Node) -> bool:
-    op = node.op
-    ins = [t for t in node.inputs]
-    if not ins or ins[0] is None or len(node.outputs) < 1:
-        return False
-    x, y = ins[0], node.outputs[0]
-    if op == "Identity":
-        return True
-    if op == "Dropout":
-        extra_used = any(o.outputs or graph.is_graph_output(o) for o in node.outputs[1:])
-        training = _const(ins[2]) if len(ins) > 2 and ins[2] is not None else np.array(False)
-        return not extra_used and training is not None and not bool(training)
-    if op == "Cast":
-        to = node.attrs.get("to")
-        return x.dtype is not None and to is not None and np.dtype(onnx.helper.tensor_dtype_to_np_dtype(to)) == np.dtype(x.dtype)
-    if op == "Transpose":
-        perm = node.attrs.get("perm")
-        return perm is not None and list(perm) == list(range(len(perm)))
-    if op == "Reshape" and len(ins) > 1 and _reshape_keeps_shape(x, _const(ins[1]), node.attrs.get("allowzero", 0)):
-        return True
-    if op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand"):
-        return _static(x.shape) and _static(y.shape) and list(x.shape) == list(y.shape)
-    if op == "Pad":
-        pads = _const(ins[1]) if len(ins) > 1 else np.asarray(node.attrs.get("pads", [1]))
-        return pads is not None and pads.size > 0 and not np.any(pads)
-    if op in ("Concat", "Sum", "Max", "Min", "Mean") and len(ins) == 1:
-        return True
-    if op in ("Mul", "Div", "Add", "Sub") and len(ins) == 2:
-        neutral = 1 if op in ("Mul", "Div") else 0
-        for xi, ci in ((0, 1), (1, 0)) if op in ("Mul", "Add") else ((0, 1),):
-            c, v = _const(ins[ci]), ins[xi]
-            if c is None or isinstance(v, gs.Constant) or not np.all(c == neutral):
-                continue
-            if v.dtype is not None and np.dtype(v.dtype) == c.dtype and v.shape is not None and \
-                    c.ndim <= len(v.shape) and all(d == 1 for d in c.shape):
-                Graph.set_inputs(node, [v, ins[ci]])  # bypass keeps input 0
-                return True
-    return False
+# A no-op rule (onnxscript rewriter style: a pattern and condition, then a replacement):
+# a node whose op is in ``ops`` and for which ``condition(graph, node)`` holds computes a copy
+# of one of its inputs; ``replacement(graph, node)`` then removes it (by default, bypassing it
+# to input 0) and returns whether it could. ``eliminate_identity`` tries the rules of a node's
+# op in table order; the first whose condition holds decides, and the change is recorded as
+# ``removed_<op>``.
+
+
+@dataclass(frozen=True)
+class NoopRule:
+    name: str
+    ops: tuple[str, ...]
+    condition: Callable[[Graph, gs.Node], bool]
+    replacement: Callable[[Graph, gs.Node], bool] = lambda graph, node: graph.bypass(node, 0)
+
+
+def _inference_dropout(graph: Graph, node: gs.Node) -> bool:
+    ins = node.inputs
+    extra_used = any(o.outputs or graph.is_graph_output(o) for o in node.outputs[1:])
+    training = _const(ins[2]) if len(ins) > 2 and ins[2] is not None else np.array(False)
+    return not extra_used and training is not None and not bool(training)
+
+
+def _same_type_cast(graph: Graph, node: gs.Node) -> bool:
+    x, to = node.inputs[0], node.attrs.get("to")
+    return x.dtype is not None and to is not None and np.dtype(onnx.helper.tensor_dtype_to_np_dtype(to)) == np.dtype(x.dtype)
+
+
+def _identity_permutation(graph: Graph, node: gs.Node) -> bool:
+    perm = node.attrs.get("perm")
+    return perm is not None and list(perm) == list(range(len(perm)))
+
+
+def _reshape_to_own_shape(graph: Graph, node: gs.Node) -> bool:
+    ins = node.inputs
+    return len(ins) > 1 and _reshape_keeps_shape(ins[0], _const(ins[1]), node.attrs.get("allowzero", 0))
+
+
+def _same_static_shape(graph: Graph, node: gs.Node) -> bool:
+    x, y = node.inputs[0], node.outputs[0]
+    return _static(x.shape) and _static(y.shape) and list(x.shape) == list(y.shape)
+
+
+def _zero_pad(graph: Graph, node: gs.Node) -> bool:
+    ins = node.inputs
+    pads = _const(ins[1]) if len(ins) > 1 else np.asarray(node.attrs.get("pads", [1]))
+    return pads is not None and pads.size > 0 and not np.any(pads)
+
+
+def _neutral_operand(node: gs.Node) -> "tuple[int, int] | None":
+    """(variable input, constant input) of ``x * 1``, ``x / 1``, ``x + 0``, ``x - 0`` (or ``1 * x``,
+    ``0 + x``) whose constant only broadcasts x to its own shape and dtype."""
+    op, ins = node.op, node.inputs
+    if len(ins) != 2:
+        return None
+    neutral = 1 if op in ("Mul", "Div") else 0
+    for xi, ci in ((0, 1), (1, 0)) if op in ("Mul", "Add") else ((0, 1),):
+        c, v = _const(ins[ci]), ins[xi]
+        if c is None or isinstance(v, gs.Constant) or not np.all(c == neutral):
+            continue
+        if v.dtype is not None and np.dtype(v.dtype) == c.dtype and v.shape is not None and \
+                c.ndim <= len(v.shape) and all(d == 1 for d in c.shape):
+            return xi, ci
+    return None
+
+
+def _bypass_to_variable(graph: Graph, node: gs.Node) -> bool:
+    xi, ci = _neutral_operand(node)
+    Graph.set_inputs(node, [node.inputs[xi], node.inputs[ci]])  # bypass keeps input 0
+    return graph.bypass(node, 0)
+
+
+NOOP_RULES: tuple[NoopRule, ...] = (
+    NoopRule("identity", ("Identity",), lambda graph, node: True),
+    NoopRule("inference_dropout", ("Dropout",), _inference_dropout),
+    NoopRule("same_type_cast", ("Cast",), _same_type_cast),
+    NoopRule("identity_permutation", ("Transpose",), _identity_permutation),
+    NoopRule("reshape_to_own_shape", ("Reshape",), _reshape_to_own_shape),
+    NoopRule("same_static_shape", ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand"), _same_static_shape),
+    NoopRule("zero_pad", ("Pad",), _zero_pad),
+    NoopRule("single_input", ("Concat", "Sum", "Max", "Min", "Mean"), lambda graph, node: len(node.inputs) == 1),
+    NoopRule("neutral_element", ("Mul", "Div", "Add", "Sub"),
+             lambda graph, node: _neutral_operand(node) is not None, _bypass_to_variable),
+)
+_NOOP_RULES_BY_OP: dict[str, list[NoopRule]] = {}
+for _rule in NOOP_RULES:
+    for _op in _rule.ops:
+        _NOOP_RULES_BY_OP.setdefault(_op, []).append(_rule)
+
+
+def noop_rule(graph: Graph, node: gs.Node) -> "NoopRule | None":
+    """The first rule of ``NOOP_RULES`` that finds ``node`` a no-op (None: none does)."""
+    if not node.inputs or node.inputs[0] is None or not node.outputs:
+        return None
+    return next((r for r in _NOOP_RULES_BY_OP.get(node.op, ()) if r.condition(graph, node)), None)
 
 
 def _reshape_keeps_shape(x: gs.Tensor, target: "np.ndarray | None", allowzero) -> bool:
@@ -85,11 +145,13 @@ def _static(shape) -> bool:
 
 
 def eliminate_identity(graph: Graph, result: PassResult) -> int:
+    """Remove every node a rule of ``NOOP_RULES`` finds a no-op."""
     n = 0
     for node in list(graph.nodes):
-        if node.outputs and _is_noop(graph, node):
+        rule = noop_rule(graph, node)
+        if rule is not None:
             op, label = node.op, _label(node)
-            if graph.bypass(node, 0):
+            if rule.replacement(graph, node):
                 result.change(label, f"removed_{op.lower()}")
                 n += 1
     return n

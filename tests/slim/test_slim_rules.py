@@ -165,6 +165,26 @@ def test_identities_removed_including_at_the_output():
     assert_same_outputs(m, out, X)
 
 
+def test_noop_rules_are_a_table_tried_in_order():
+    from onnxslim_cnn.graph import Graph
+    from onnxslim_cnn.passes.slim.rules import NOOP_RULES, noop_rule
+
+    assert [r.name for r in NOOP_RULES] == ["identity", "inference_dropout", "same_type_cast", "identity_permutation",
+                                            "reshape_to_own_shape", "same_static_shape", "zero_pad", "single_input",
+                                            "neutral_element"]
+    nodes = [h.make_node("Reshape", ["x", "s"], ["r"]), h.make_node("Flatten", ["r"], ["f"], axis=1),
+             h.make_node("Add", ["zero", "f"], ["a"]), h.make_node("Relu", ["a"], ["y"])]
+    m = make_model(nodes, [vi("x", [2, 4])], [vi("y", [2, 4])],
+                   [init("s", np.array([0, -1], np.int64)), init("zero", np.zeros((1,), np.float32))])
+    graph = Graph.from_model(m)
+    found = {n.op: noop_rule(graph, n) for n in graph.nodes}
+    assert {op: r and r.name for op, r in found.items()} == {
+        "Reshape": "reshape_to_own_shape", "Flatten": "same_static_shape", "Add": "neutral_element", "Relu": None}
+    out, result = slim(m)
+    assert ops(out) == ["Relu"]
+    assert [c["action"] for c in result.changes] == ["removed_reshape", "removed_flatten", "removed_add"]
+
+
 def test_mul_by_one_that_broadcasts_is_kept():
     m = make_model([h.make_node("Mul", ["x", "one"], ["y"])], [vi("x", ["N", 4, 8, 1])], [vi("y", ["N", 4, 8, 8])],
                    [init("one", np.ones((1, 1, 1, 8), np.float32))])
