@@ -1,9 +1,9 @@
 """`slim` on every reference model, the trained digits fixtures and the real corpus models.
 
 Outputs must stay equal (max abs error <= 1e-4 of the output scale, through ONNX Runtime on the
-original), the node count must not exceed OnnxSlim's on the same input (when OnnxSlim is
-installed: pip install -e '.[bench]'), and task quality of the
-trained/real models must not move at all.
+original), the node count must not exceed OnnxSlim's on the same input (only when OnnxSlim
+is installed: pip install -e '.[bench]'), and task quality of the trained/real models must not
+move at all.
 """
 
 import functools
