@@ -1,8 +1,15 @@
-"""The report: model statistics before/after, what each pass changed or skipped, fidelity, latency."""
+"""The report: model statistics before/after, what each pass changed or skipped, fidelity, latency.
+
+The table knows no pass's own keys. Under each pass it lists the changes whose details carry
+numeric ``<name>_before`` / ``<name>_after`` pairs, one line per change:
+``item: <before> -> <after> <name>`` (several pairs joined by ", ", underscores of the name
+shown as spaces), e.g. prune's ``channels_before=16, channels_after=8`` as ``16 -> 8 channels``.
+"""
 
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +93,27 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def before_after_pairs(details: dict) -> list[tuple[str, Any, Any]]:
+    """``(name, before, after)`` for every numeric ``<name>_before`` / ``<name>_after`` pair in a
+    change's details, in the order of the ``_before`` keys."""
+    pairs = []
+    for key, before in details.items():
+        if key.endswith("_before") and key[:-7]:
+            name = key[:-7]
+            after = details.get(f"{name}_after")
+            if _is_number(before) and _is_number(after):
+                pairs.append((name, before, after))
+    return pairs
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _fmt_value(v: Any) -> str:
+    return str(v) if isinstance(v, numbers.Integral) else f"{float(v):.4g}"
+
+
 def _ratio(a: float, b: float) -> str:
     return f"{b / a:.3f}x" if a else "-"
 
@@ -114,9 +142,10 @@ def _table_lines(r: Report, max_items: int) -> list[str]:
     for p in r.passes:
         stats = ", ".join(f"{k}={v}" for k, v in p.stats.items()) or "no change"
         lines.append(f"  {p.name:<10} {p.seconds:6.2f}s  {p.status:<4}  nodes->{p.nodes_after}  {stats}")
-        sized = [c for c in p.changes if "channels_before" in c]
-        for c in sized[:max_items]:
-            lines.append(f"      {c['item']}: {c['channels_before']} -> {c['channels_after']} channels")
+        sized = [(c["item"], pairs) for c in p.changes if (pairs := before_after_pairs(c))]
+        for item, pairs in sized[:max_items]:
+            lines.append(f"      {item}: " + ", ".join(f"{_fmt_value(b)} -> {_fmt_value(a)} {name.replace('_', ' ')}"
+                                                      for name, b, a in pairs))
         if len(sized) > max_items:
             lines.append(f"      ... {len(sized) - max_items} more layers (see --report)")
         for s in p.skipped[:max_items]:

@@ -78,6 +78,19 @@ def test_report_lists_frozen_groups_and_cli_options(tmp_path):
     assert all(c["channels_after"] == c["channels_before"] - c["channels_before"] // 2 for c in changes)
 
 
+def test_report_table_lists_before_after_pairs_of_any_pass():
+    """The table's per-layer lines come from any ``<name>_before``/``<name>_after`` detail pair,
+    not from prune's keys: prune's channels, another pass's params and ratios alike."""
+    from onnxslim_cnn.report import PassRecord
+
+    _, report = onnxslim_cnn.compress(reference.build("resnet18", **REDUCED), passes=["prune"], prune__ratio=0.5)
+    assert "\n      layer1.0.conv1: 16 -> 8 channels\n" in report.format_table()
+    change = {"item": "fc", "action": "split", "params_before": 100, "params_after": 40, "macs_before": 5,
+              "macs_after": None, "range_ratio_before": 2.5, "range_ratio_after": 1.25, "kept_before": "x"}
+    report.passes.append(PassRecord("other", {}, True, {}, [change], [], 0.0, "ok", 3))
+    assert "\n      fc: 100 -> 40 params, 2.5 -> 1.25 range ratio\n" in report.format_table()
+
+
 def test_reconstruct_recovers_digits_accuracy():
     from onnxslim_cnn.models import digits
 
