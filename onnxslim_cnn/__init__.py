@@ -20,13 +20,15 @@ import onnx
 from .errors import UserError
 from .graph import Graph
 from .model_io import load_model, save_model
-from .pipeline import Pass, PassContext, PassResult, available_passes, get_pass, register_pass, run_pipeline
+from .context import PassContext
+from .pass_infra import GraphPass, ModelPass, Pass, PassResult, available_passes, get_pass, register_pass
+from .pipeline import run_pipeline
 from .report import Report
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "compress", "load", "save", "Graph", "Pass", "PassContext", "PassResult", "Report", "UserError",
+    "compress", "load", "save", "Graph", "GraphPass", "ModelPass", "Pass", "PassContext", "PassResult", "Report", "UserError",
     "available_passes", "get_pass", "register_pass",
 ]
 

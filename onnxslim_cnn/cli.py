@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def format_pass_list() -> str:
     from .options import describe
-    from .pipeline import available_passes
+    from .pass_infra import available_passes
 
     lines = []
     for name, cls in sorted(available_passes().items()):

@@ -1,187 +1,29 @@
-"""Pass protocol, registry and the pipeline that runs passes, validates and reports.
+"""The pipeline: load, run passes in order, validate after each, measure, report.
 
-A pass is a small object: a ``name``, a one-paragraph ``summary``, an ``Options`` dataclass, and
-``run(graph, ctx) -> PassResult``. It never parses arguments, prints or writes files; the
-pipeline builds the ``Graph`` it works on, validates what it returns (ONNX checker with
-``full_check`` plus an ONNX Runtime load), and collects its ``PassResult`` into the report.
+For each pass the pipeline hands it the current model (a GraphPass gets a fresh Graph wrapper,
+a ModelPass the ModelProto; see ``pass_infra``), checks that it changed only what it declares,
+validates what it returns (ONNX checker with ``full_check`` plus an ONNX Runtime load), and
+collects its ``PassResult`` into the report. A pass that crashes, breaks its contract or returns
+an invalid model is reported as such and the model before it is kept.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from dataclasses import dataclass
+from typing import Any, Callable
 
-import numpy as np
 import onnx
 
-from .analysis import calibration as calib_mod
-from .analysis.calibration import CalibrationData
 from .analysis.cost import model_stats
 from .analysis.fidelity import fidelity as measure_fidelity
 from .analysis.fidelity import latency as measure_latency
-from .analysis.fidelity import reference_outputs
+from .context import PassContext
 from .errors import UserError
-from .graph import Graph
 from .model_io import check_model, load_model
-from .options import NoOptions, make_options
+from .pass_infra import Pass, PassResult, checked_transform, resolve_passes
 from .sessions import make_session
-
-# --------------------------------------------------------------------------- results
-
-
-@dataclass
-class PassResult:
-    """What a pass did: per-item changes, skipped items with reasons, summary counters."""
-
-    changed: bool = False
-    changes: list[dict] = field(default_factory=list)
-    skipped: list[dict] = field(default_factory=list)
-    stats: dict[str, Any] = field(default_factory=dict)
-    # Objects a pass produces besides the graph (e.g. fpga's fixed-point IR), for the API/CLI to
-    # use or write; never serialised into the report.
-    artifacts: dict[str, Any] = field(default_factory=dict)
-
-    def change(self, item: str, action: str, **details: Any) -> None:
-        self.changed = True
-        self.changes.append({"item": item, "action": action, **details})
-        self.stats[action] = self.stats.get(action, 0) + 1
-
-    def skip(self, item: str, reason: str) -> None:
-        self.skipped.append({"item": item, "reason": reason})
-
-    def count(self, key: str, n: int = 1) -> None:
-        self.stats[key] = self.stats.get(key, 0) + n
-
-
-# --------------------------------------------------------------------------- pass protocol and registry
-
-
-class Pass:
-    """Base class of all passes. Subclasses set ``name``, ``summary``, ``Options`` and ``run``."""
-
-    name: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
-    Options: ClassVar[type] = NoOptions
-    needs_calibration: ClassVar[bool] = False
-
-    def __init__(self, options: "dict[str, Any] | None" = None, **kwargs: Any):
-        merged = {**(options or {}), **kwargs}
-        self.options = make_options(self.Options, merged, self.name)
-
-    def run(self, graph: Graph, ctx: "PassContext") -> PassResult:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def apply(self, model: "onnx.ModelProto | str", *, calib: Any = None,
-              input_shapes: "dict | None" = None, seed: int = 0) -> tuple[onnx.ModelProto, PassResult]:
-        """Run this pass alone on a model (path or ModelProto); returns (new model, result)."""
-        original = load_model(model)
-        ctx = PassContext(original, calib=calib, input_shapes=input_shapes, seed=seed)
-        graph = Graph.from_model(original)
-        result = self.run(graph, ctx)
-        return (graph.to_model() if result.changed else original), result
-
-
-_REGISTRY: dict[str, type[Pass]] = {}
-
-
-def register_pass(cls: type[Pass]) -> type[Pass]:
-    if not cls.name or cls.name in _REGISTRY:
-        raise ValueError(f"pass name missing or registered twice: {cls.name!r}")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def available_passes() -> dict[str, type[Pass]]:
-    from . import passes  # noqa: F401  (registers the built-in passes)
-
-    return dict(_REGISTRY)
-
-
-def get_pass(name: str) -> type[Pass]:
-    registry = available_passes()
-    if name not in registry:
-        raise UserError(f"unknown pass '{name}' (available: {', '.join(sorted(registry))})")
-    return registry[name]
-
-
-def resolve_passes(passes: "list[str | Pass]", options: "dict[str, dict] | None" = None) -> list[Pass]:
-    """Instantiate named passes with their options; every name and option is checked up front."""
-    options = dict(options or {})
-    names = [p for p in passes if isinstance(p, str)]
-    for pass_name in options:
-        if pass_name not in names:
-            get_pass(pass_name)  # unknown pass name -> UserError
-            raise UserError(f"options given for pass '{pass_name}', which is not in the pass list")
-    out = []
-    for p in passes:
-        if isinstance(p, Pass):
-            out.append(p)
-        else:
-            out.append(get_pass(p)(options.get(p)))
-    return out
-
-
-# --------------------------------------------------------------------------- context
-
-
-class PassContext:
-    """Shared, cached analysis handed to every pass: calibration inputs, reference outputs, seed."""
-
-    def __init__(self, original: onnx.ModelProto, *, calib: Any = None,
-                 input_shapes: "dict[str, tuple] | None" = None, seed: int = 0, samples: int = 8):
-        self.original = original
-        self.seed = seed
-        self.input_shapes = input_shapes or {}
-        self.samples = samples
-        self.warnings: list[str] = []
-        self._calib_arg = calib
-        self._calib: CalibrationData | None = None
-        self._reference = None
-        self.cache: dict[str, Any] = {}
-        self.original_session = None  # set by the pipeline, which has loaded the model already
-
-    @property
-    def calibration(self) -> CalibrationData:
-        """Calibration inputs: the ``--calib`` file, a dict of arrays, or the seeded generator."""
-        if self._calib is None:
-            c = self._calib_arg
-            if isinstance(c, CalibrationData):
-                self._calib = c
-            elif c is None:
-                self._calib = calib_mod.random_inputs(self.original, samples=self.samples, seed=self.seed,
-                                                      input_shapes=self.input_shapes)
-            elif isinstance(c, dict):
-                # same validation as a file, without a temp file whose name would show in errors
-                self._calib = calib_mod.from_arrays(c, self.original, "calib arrays", "arrays")
-            else:
-                self._calib = calib_mod.load_npz(c, self.original)
-            self.warnings.extend(self._calib.warnings)
-        return self._calib
-
-    def activations(self, model: onnx.ModelProto, names: "list[str]") -> dict[str, np.ndarray]:
-        """Values of intermediate tensors ``names`` of ``model`` on the calibration inputs.
-
-        One ORT run over all calibration samples with the tensors exposed as extra outputs;
-        chunks are concatenated along axis 0 (the batch axis of CNN activations). Cached per
-        model and tensor, so passes asking for the same activations share one run.
-        """
-        from .analysis.activations import capture
-
-        key = id(model)
-        cached = self.cache.setdefault(("activations", key), {"model": model, "values": {}})
-        missing = [n for n in names if n not in cached["values"]]
-        if missing:
-            cached["values"].update(capture(model, missing, self.calibration))
-        return {n: cached["values"][n] for n in names}
-
-    def reference(self):
-        """Original model's outputs on the calibration inputs (computed once)."""
-        if self._reference is None:
-            self._reference = reference_outputs(self.original, self.calibration, session=self.original_session)
-        return self._reference
-
 
 # --------------------------------------------------------------------------- pipeline
 
@@ -245,10 +87,8 @@ def run_pipeline(source: "str | onnx.ModelProto", passes: "list[str | Pass] | No
         if progress:
             progress(i, total, p.name)
         t0 = time.perf_counter()
-        graph = Graph.from_model(current)
         try:
-            result = p.run(graph, ctx)
-            candidate = graph.to_model() if result.changed else current
+            candidate, result = checked_transform(p, current, ctx)
         except UserError:
             raise
         except Exception as exc:

@@ -33,7 +33,8 @@ import onnx_graphsurgeon as gs
 
 from onnxslim_cnn.graph import Graph
 from onnxslim_cnn.options import option
-from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
+from onnxslim_cnn.context import PassContext
+from onnxslim_cnn.pass_infra import GraphPass, PassResult, register_pass
 
 FP16_MAX = float(np.finfo(np.float16).max)
 # (op, input index) whose float tensor stays float32 whatever the op's data type
@@ -56,11 +57,12 @@ class Fp16Options:
 
 
 @register_pass
-class Fp16Pass(Pass):
+class Fp16Pass(GraphPass):
     name = "fp16"
     summary = ("Float16 weights and activations; float32 model inputs/outputs kept by Casts at the "
                "boundaries (keep_io_types).")
     Options = Fp16Options
+    modifies = frozenset({"graph", "interface"})
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()

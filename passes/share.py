@@ -33,7 +33,8 @@ import onnx_graphsurgeon as gs
 from onnxslim_cnn.errors import UserError
 from onnxslim_cnn.graph import Graph, weight_input_index
 from onnxslim_cnn.options import option
-from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
+from onnxslim_cnn.context import PassContext
+from onnxslim_cnn.pass_infra import GraphPass, PassResult, register_pass
 
 
 OPS = ("Conv", "Gemm", "MatMul")
@@ -71,12 +72,13 @@ class Shared:
 
 
 @register_pass
-class SharePass(Pass):
+class SharePass(GraphPass):
     name = "share"
     summary = ("Weight sharing (Deep Compression): cluster each Conv/Gemm/MatMul weight into 2^bits "
                "values (k-means, linear init; 8 bits conv, 5 bits FC by default), pruned zeros kept "
                "exact; stored as uint8/uint16 codes + float codebook (Gather) or DequantizeLinear.")
     Options = ShareOptions
+    modifies = frozenset({"graph"})
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options

@@ -22,7 +22,8 @@ from onnxslim_cnn.runtime import DEFAULT_MIN_SPARSITY
 
 from onnxslim_cnn.graph import Graph
 from onnxslim_cnn.options import option
-from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
+from onnxslim_cnn.context import PassContext
+from onnxslim_cnn.pass_infra import GraphPass, PassResult, register_pass
 from onnxslim_cnn.sparse_storage import INDEX_BYTES
 
 # Speedup of the sparse EP over ORT's dense CPU kernel, batch 1, one thread, median over the
@@ -154,12 +155,13 @@ def _conv_cost_function():
 
 
 @register_pass
-class SparsePass(Pass):
+class SparsePass(GraphPass):
     name = "sparse"
     summary = ("Prepare a pruned model for the sparse runtime: report each Gemm/MatMul/Conv the sparse "
                "execution provider would take (sparsity, expected speedup) and store those weights sparse "
                "(Constant sparse_value, COO) so the file shrinks. Run after sparsify.")
     Options = SparseOptions
+    modifies = frozenset({"graph"})
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options

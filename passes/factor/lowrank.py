@@ -25,7 +25,8 @@ from onnxslim_cnn.errors import UserError
 from onnxslim_cnn.graph import Graph
 from onnxslim_cnn.model_io import inferred, skeleton, with_static_inputs
 from onnxslim_cnn.options import option
-from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
+from onnxslim_cnn.context import PassContext
+from onnxslim_cnn.pass_infra import GraphPass, PassResult, register_pass
 
 from . import lowrank_maths as lm
 from .factorize import rank_for_energy
@@ -94,16 +95,17 @@ class Conv2d:
 
 
 @register_pass
-class LowrankPass(Pass):
+class LowrankPass(GraphPass):
     name = "lowrank"
     summary = ("Low-rank conv splitting: a KxK conv becomes a Kx1 conv with D filters then a 1xK conv "
                "(Jaderberg, SVD of the (C·Kh)x(Kw·N) kernel matrix), or 1x1 reduce -> KxK core -> 1x1 "
                "expand (Tucker-2); D by rank, energy or target compute speedup; only where storage "
                "(or, with speedup, compute) falls; optional least-squares refit on calibration data.")
     Options = LowrankOptions
+    modifies = frozenset({"graph"})
 
     @property
-    def needs_calibration(self) -> bool:  # type: ignore[override]
+    def needs_calibration(self) -> bool:
         return self.options.data_aware
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:

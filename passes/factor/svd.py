@@ -26,7 +26,8 @@ from onnxslim_cnn.errors import UserError
 from onnxslim_cnn.graph import Graph
 from onnxslim_cnn.graph import node_label as _label  # shared helpers
 from onnxslim_cnn.options import option
-from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
+from onnxslim_cnn.context import PassContext
+from onnxslim_cnn.pass_infra import GraphPass, PassResult, register_pass
 
 from . import factorize as fz
 
@@ -93,7 +94,7 @@ class _Layer:
 
 
 @register_pass
-class SvdPass(Pass):
+class SvdPass(GraphPass):
     name = "svd"
     summary = ("SVD bottlenecks for FC layers: a Gemm, MatMul with a constant 2-D weight, or 1x1 "
                "Conv (groups=1) with an m x n weight becomes two layers (m x k)(k x n), bias on the "
@@ -101,6 +102,7 @@ class SvdPass(Pass):
                "factorised when k < mn/(m+n). data_aware=true factors for the outputs on "
                "calibration data (whitened SVD) and keeps accuracy at much lower ranks.")
     Options = SvdOptions
+    modifies = frozenset({"graph"})
 
     def __init__(self, options=None, **kwargs):
         super().__init__(options, **kwargs)
@@ -112,7 +114,7 @@ class SvdPass(Pass):
             raise UserError(f"bad value for svd.ratio: {o.ratio!r} (must be within (0, 1])")
 
     @property
-    def needs_calibration(self) -> bool:  # type: ignore[override]
+    def needs_calibration(self) -> bool:
         o = self.options
         return o.data_aware or o.max_output_error is not None or o.measure_error
 

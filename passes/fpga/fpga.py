@@ -14,11 +14,13 @@ import dataclasses
 import json
 import math
 
+import onnx
+
 from onnxslim_cnn.errors import UserError
 from onnxslim_cnn.fixed_point.ir import ROUNDING, SATURATION, FixedPointModel
-from onnxslim_cnn.graph import Graph
 from onnxslim_cnn.options import option
-from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
+from onnxslim_cnn.context import PassContext
+from onnxslim_cnn.pass_infra import ModelPass, PassResult, register_pass
 
 from .lower import LowerConfig, activation_names, check_supported, lower
 from .qdq import po2_formats, po2_step, strip_qdq
@@ -52,21 +54,24 @@ class FpgaLowering:
 
 
 @register_pass
-class FpgaPass(Pass):
+class FpgaPass(ModelPass):
     name = "fpga"
     summary = ("Lower the CNN to a fixed-point integer IR (ap_fixed formats from calibration ranges, BN folded, "
                "accumulators that never overflow); the ONNX model is unchanged, the IR and its per-layer "
                "SQNR/resource table are the result. `onnxslim fpga IN.onnx OUTDIR` writes IR, C++17, hls4ml YAML.")
     Options = FpgaOptions
-    needs_calibration = True
+    modifies = frozenset()
 
-    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         from ..q8 import is_quantized
         from ..slim import SlimPass
 
         o = self.options
         result = PassResult()
-        model = graph.to_model()
         cfg = LowerConfig(bits=o.bits, weight_bits=o.weight_bits, margin=o.margin, rounding=o.rounding,
                           saturation=o.saturation, layer_bits=dict(o.layer_bits))
         if is_quantized(model):
@@ -105,7 +110,7 @@ def lower_model(model, *, calib=None, options: "dict | None" = None, input_shape
 
     original = load_model(model)
     ctx = PassContext(original, calib=calib, input_shapes=input_shapes, seed=seed)
-    result = FpgaPass(options).run(Graph.from_model(original), ctx)
+    result = FpgaPass(options).run(original, ctx)
     lowering = result.artifacts["fpga"]
     lowering.warnings = list(ctx.warnings)
     return lowering

@@ -21,7 +21,8 @@ import numpy as np
 from onnxslim_cnn.analysis.channels import ChannelAnalysis, ChannelGroup, analyze
 from onnxslim_cnn.graph import Graph
 from onnxslim_cnn.options import option
-from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
+from onnxslim_cnn.context import PassContext
+from onnxslim_cnn.pass_infra import GraphPass, PassResult, register_pass
 
 from .importance import IMPORTANCE
 from .rewrite import RefitItem, Rewriter
@@ -51,16 +52,17 @@ class PruneOptions:
 
 
 @register_pass
-class PrunePass(Pass):
+class PrunePass(GraphPass):
     name = "prune"
     summary = ("Structured pruning: removes whole conv filters / FC neurons and everything coupled to "
                "them (BN channels, residual Adds, Concat offsets, depthwise convs, SE blocks, "
                "Flatten->FC blocks, consumers' input channels); frozen groups are reported with the "
                "op that froze them.")
     Options = PruneOptions
+    modifies = frozenset({"graph"})
 
     @property
-    def needs_calibration(self) -> bool:  # type: ignore[override]
+    def needs_calibration(self) -> bool:
         o = self.options
         return IMPORTANCE[o.criterion].needs_calibration or o.compensate or o.reconstruct
 

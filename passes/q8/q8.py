@@ -26,13 +26,14 @@ from collections import Counter
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
+from onnxslim_cnn.context import PassContext
 from onnxslim_cnn.errors import UserError
-from onnxslim_cnn.graph import Graph, _without_graph
-from onnxslim_cnn.model_io import needs_external_data, save_model
+from onnxslim_cnn.graph import Graph
+from onnxslim_cnn.model_io import constants_to_initializers, needs_external_data, save_model
 from onnxslim_cnn.options import option
-from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
+from onnxslim_cnn.pass_infra import ModelPass, PassResult, register_pass
+from onnxslim_cnn.sparse_storage import densify
 
 # Ops that mark a model as already quantized (QDQ, QOperator or dynamic).
 _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}
@@ -132,6 +133,21 @@ def kernel_stats(model_path: str, work_dir: str) -> dict:
         "ort_quantize_nodes": sum(n.op_type == "QuantizeLinear" for n in nodes),
         "ort_dequantize_nodes": sum(n.op_type == "DequantizeLinear" for n in nodes),
     }
+
+
+def _tool_input(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model as ORT's quantizer needs it: weights held in Constant nodes (Paddle exports keep
+    every weight there) become initializers, or the tool quantizes them as activations; weights
+    stored sparse (the sparse pass) become dense, which the tool cannot read otherwise. The
+    input is not modified; without either, it is returned as it is."""
+    g = model.graph
+    if not g.sparse_initializer and not any(n.op_type == "Constant" and n.domain in ("", "ai.onnx") for n in g.node):
+        return model
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    constants_to_initializers(work)
+    densify(work)
+    return work
 
 
 def _name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -253,22 +269,23 @@ def _mse_overrides(model: onnx.ModelProto, calib, ctx: PassContext) -> dict:
 
 
 @register_pass
-class Q8Pass(Pass):
+class Q8Pass(ModelPass):
     name = "q8"
     summary = ("Int8 quantization with ONNX Runtime's quantize_static (QDQ; int8 symmetric per-channel "
                "weights, uint8 activations by default) after folding BatchNorm; opset upgraded to 13 "
                "for per-channel; reports the int8 kernels ORT actually builds. dynamic=true uses ORT "
                "dynamic quantization. Already-quantized models pass through unchanged.")
     Options = Q8Options
+    modifies = frozenset({"graph", "opset"})
 
     @property
-    def needs_calibration(self) -> bool:  # type: ignore[override]
+    def needs_calibration(self) -> bool:
         return not self.options.dynamic
 
-    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         o = self.options
         result = PassResult()
-        model = graph.to_model()
+        model = _tool_input(model)
         if is_quantized(model):
             result.skip("model", "already quantized (has QuantizeLinear/DequantizeLinear, QLinear* or "
                                  "integer ops); passed through unchanged")
@@ -394,12 +411,7 @@ class Q8Pass(Pass):
             result.skip("model", "ONNX Runtime's quantization tool found nothing to quantize")
             return result
 
-        # Hand the quantized model back through the Graph the pipeline exports.
-        graph.gs = gs.import_onnx(quantized)
-        graph._template = _without_graph(quantized)
-        graph._names = None
-        graph.source = quantized
-        result.changed = True
+        result.model = quantized
         result.change("model", "quantized", mode="dynamic" if o.dynamic else "static",
                       activations=None if o.dynamic else o.activations, per_channel=o.per_channel)
         return result

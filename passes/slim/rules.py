@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 
 from onnxslim_cnn.graph import Graph
 from onnxslim_cnn.graph import constant_value as _const, node_label as _label  # shared helpers
-from onnxslim_cnn.pipeline import PassResult
+from onnxslim_cnn.pass_infra import PassResult
 
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm")
 

@@ -15,7 +15,8 @@ import onnx_graphsurgeon as gs
 
 from onnxslim_cnn.graph import Graph, array_digest
 from onnxslim_cnn.options import option
-from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
+from onnxslim_cnn.context import PassContext
+from onnxslim_cnn.pass_infra import GraphPass, PassResult, register_pass
 
 from . import rules
 from . import shape_rules
@@ -38,13 +39,14 @@ class SlimOptions:
 
 
 @register_pass
-class SlimPass(Pass):
+class SlimPass(GraphPass):
     name = "slim"
     summary = ("Exact graph clean-up: constant folding, dead-code and identity elimination, "
                "BatchNormalization folding into the preceding Conv/Gemm (also BN exported as "
                "per-channel Mul+Add), MatMul+Add->Gemm, Pad->Conv, reshape/transpose chains, "
                "duplicate initializer merging and common-subexpression elimination.")
     Options = SlimOptions
+    modifies = frozenset({"graph", "interface"})
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options

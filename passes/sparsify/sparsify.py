@@ -29,7 +29,8 @@ import scipy.linalg
 from onnxslim_cnn.analysis.conv_patches import ConvGeometry, patches, sample_positions
 from onnxslim_cnn.graph import Graph, weight_input_index
 from onnxslim_cnn.options import option
-from onnxslim_cnn.pipeline import Pass, PassContext, PassResult, register_pass
+from onnxslim_cnn.context import PassContext
+from onnxslim_cnn.pass_infra import GraphPass, PassResult, register_pass
 
 
 OPS = ("Conv", "Gemm", "MatMul")
@@ -67,15 +68,16 @@ class _Layer:
 
 
 @register_pass
-class SparsifyPass(Pass):
+class SparsifyPass(GraphPass):
     name = "sparsify"
     summary = ("Unstructured magnitude pruning: zero the smallest Conv/Gemm/MatMul weights by one "
                "global ratio, per layer, or per-layer overrides (weights stay dense); optional "
                "least-squares refit of the surviving weights on calibration data.")
     Options = SparsifyOptions
+    modifies = frozenset({"weights"})
 
     @property
-    def needs_calibration(self) -> bool:  # type: ignore[override]
+    def needs_calibration(self) -> bool:
         return bool(self.options.refit) or self.options.mode == "sensitivity"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:

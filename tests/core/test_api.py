@@ -12,7 +12,7 @@ from onnx import helper as h
 
 import onnxslim_cnn
 from graphs import assert_same_outputs, conv_bn_model, user_error
-from onnxslim_cnn import Pass, PassResult, Report, pipeline, register_pass
+from onnxslim_cnn import GraphPass, PassResult, Report, pass_infra, register_pass
 from onnxslim_cnn.passes import SlimPass
 
 FEED = {"x": np.random.default_rng(5).standard_normal((2, 4, 8, 8)).astype(np.float32)}
@@ -38,7 +38,7 @@ def temp_pass():
 
     yield add
     for name in added:
-        del pipeline._REGISTRY[name]
+        del pass_infra._REGISTRY[name]
 
 
 # --------------------------------------------------------------------------- compress
@@ -123,7 +123,7 @@ def test_bad_model_sources(tmp_path):
 
 def test_options_for_pass_not_in_list(temp_pass):
     @temp_pass
-    class Noop(Pass):
+    class Noop(GraphPass):
         name = "_test_noop"
 
         def run(self, graph, ctx):
@@ -158,8 +158,9 @@ def test_pass_apply_standalone(model_path):
 
 def test_pass_that_breaks_the_model_is_reverted(temp_pass):
     @temp_pass
-    class Break(Pass):
+    class Break(GraphPass):
         name = "_test_break"
+        modifies = frozenset({"graph"})
 
         def run(self, graph, ctx):
             result = PassResult()
@@ -184,14 +185,99 @@ def test_pass_that_breaks_the_model_is_reverted(temp_pass):
     assert report.output.op_counts == {"Conv": 1, "Relu": 1}
 
 
+def test_a_pass_that_changes_what_it_does_not_declare_is_dropped(temp_pass):
+    """modifies is checked: a weights-only pass that adds a node, and a pass that declares
+    nothing but edits a weight, fail with the reason; the model before them is kept."""
+    from onnxslim_cnn.graph import Graph
+
+    @temp_pass
+    class Grows(GraphPass):
+        name = "_test_grows"
+        modifies = frozenset({"weights"})
+
+        def run(self, graph, ctx):
+            result = PassResult()
+            relu = next(n for n in graph.nodes if n.op == "Relu")
+            relu.op = "Sigmoid"
+            result.change(relu.name, "swapped")
+            return result
+
+    @temp_pass
+    class Scales(GraphPass):
+        name = "_test_scales"
+
+        def run(self, graph, ctx):
+            result = PassResult()
+            for node in graph.nodes:
+                if node.op == "Conv":
+                    w = node.inputs[1]
+                    w.values = w.values * 2
+                    result.change(node.name, "scaled")
+            return result
+
+    src = conv_bn_model()
+    for name, why in (("_test_grows", "pass _test_grows changed graph but declares it modifies weights"),
+                      ("_test_scales", "pass _test_scales changed weights but declares it modifies nothing")):
+        model, report = onnxslim_cnn.compress(src, passes=[name])
+        rec = report.passes[0]
+        assert rec.status == "failed" and rec.skipped[-1]["reason"] == f"pass failed: PassContractError: {why}"
+        assert model.SerializeToString(deterministic=True) == src.SerializeToString(deterministic=True)
+    # the same edits are accepted when declared
+    Grows.modifies = frozenset({"graph"})
+    Scales.modifies = frozenset({"weights"})
+    for name in ("_test_grows", "_test_scales"):
+        _, report = onnxslim_cnn.compress(src, passes=[name])
+        assert report.passes[0].status == "ok" and report.passes[0].changed
+    # the Graph wrapper's own round trip (Constant nodes become initializers) is no change
+    assert pass_infra.changed_aspects(src, Graph.from_model(src).to_model()) == []
+
+
+def test_model_pass_gets_the_model_and_must_return_one(temp_pass):
+    seen = []
+
+    @temp_pass
+    class Renames(onnxslim_cnn.ModelPass):
+        name = "_test_model_pass"
+        modifies = frozenset({"graph"})
+
+        def run(self, model, ctx):
+            seen.append(type(model))
+            result = PassResult()
+            result.change("model", "touched")
+            if ctx.seed == 0:
+                new = onnx.ModelProto()
+                new.CopyFrom(model)
+                new.graph.node[-1].name = "renamed"
+                result.model = new
+            return result
+
+    src = conv_bn_model()
+    model, report = onnxslim_cnn.compress(src, passes=["_test_model_pass"])
+    assert seen == [onnx.ModelProto] and report.passes[0].status == "ok"
+    assert model.graph.node[-1].name == "renamed" and src.graph.node[-1].name != "renamed"
+    _, report = onnxslim_cnn.compress(src, passes=["_test_model_pass"], seed=1)
+    assert report.passes[0].status == "failed"
+    assert "reported changes but returned no model" in report.passes[0].skipped[-1]["reason"]
+
+
+def test_every_builtin_pass_declares_a_kind_and_known_aspects():
+    for name, cls in onnxslim_cnn.available_passes().items():
+        assert issubclass(cls, (GraphPass, onnxslim_cnn.ModelPass)), name
+        assert set(cls.modifies) <= set(pass_infra.ASPECTS), name
+    assert onnxslim_cnn.get_pass("fpga").modifies == frozenset()  # an exporter: the graph stays
+    assert issubclass(onnxslim_cnn.get_pass("q8"), onnxslim_cnn.ModelPass)
+    with pytest.raises(TypeError, match="unknown aspects"):
+        type("Bad", (GraphPass,), {"modifies": frozenset({"everything"})})
+
+
 def test_register_pass_rejects_duplicates_and_nameless():
-    class Nameless(Pass):
+    class Nameless(GraphPass):
         pass
 
     with pytest.raises(ValueError):
         register_pass(Nameless)
     with pytest.raises(ValueError):
-        register_pass(type("Slim2", (Pass,), {"name": "slim"}))
+        register_pass(type("Slim2", (GraphPass,), {"name": "slim"}))
     assert onnxslim_cnn.get_pass("slim") is SlimPass
     assert "slim" in onnxslim_cnn.available_passes()
 
@@ -233,11 +319,11 @@ def test_compress_is_deterministic_across_hash_seeds(tmp_path):
 
 
 def test_a_pass_that_crashes_is_skipped_and_reported(tmp_path):
-    from onnxslim_cnn.pipeline import _REGISTRY, Pass, register_pass
+    from onnxslim_cnn.pass_infra import _REGISTRY, GraphPass, register_pass
     from graphs import conv_bn_model
 
     @register_pass
-    class Crashing(Pass):
+    class Crashing(GraphPass):
         name = "test_crashing"
         summary = "raises"
 

@@ -218,7 +218,7 @@ def test_activations_capture_intermediate_tensors_and_cache():
 
     import onnxslim_cnn.analysis.activations as act
     from graphs import conv_bn_model
-    from onnxslim_cnn.pipeline import PassContext
+    from onnxslim_cnn.context import PassContext
 
     model = conv_bn_model()
     x = np.random.default_rng(3).standard_normal((5, 4, 8, 8)).astype(np.float32)

@@ -86,6 +86,7 @@ OCR_FIDELITY = {"fuse_hardswish": True, "quantize_ops": "weighted", "calibration
 
 
 @pytest.mark.corpus
+@pytest.mark.heavy
 def test_ppocrv4_rec_fidelity_options(corpus_paths, tasks):
     """The fidelity set-up (docs/q8.md) against the defaults, on 16 held-out rendered lines and,
     calibrated on random inputs, 8 other random inputs. Measured: rendered 0.9901 (defaults 0.9821),
@@ -110,6 +111,7 @@ OCR_REFIT = {"fuse_hardswish": True, "quantize_ops": "weighted", "calibration": 
 
 
 @pytest.mark.corpus
+@pytest.mark.heavy
 def test_ppocrv4_rec_refit(corpus_paths, tasks):
     """refit_weights on the fidelity set-up (every weight layer int8), 16 rendered calibration lines,
     16 held out: cosine >= 0.99 (issue 6's target). Measured 0.9926; the same set-up without
@@ -125,6 +127,7 @@ def test_ppocrv4_rec_refit(corpus_paths, tasks):
 
 
 @pytest.mark.corpus
+@pytest.mark.heavy
 def test_ppocrv4_det_refit(corpus_paths, tasks):
     """refit_weights on q8's defaults, 8 rendered calibration pages, 8 held out: cosine >= 0.99 and
     every text line still found. Measured 0.9934; defaults without refit: 0.9783."""
