@@ -98,6 +98,9 @@ class ChannelAnalysis:
 
 
 class _UF:
+    """Union-find over integer ids 0..n-1 (numpy parent array); the root of a class is its
+    smallest member. Used for channel ids, then for grouping producers."""
+
     def __init__(self) -> None:
         self.parent = np.zeros(0, np.int64)
         self.frozen: dict[int, str] = {}
@@ -429,27 +432,17 @@ def _build(uf: _UF, info, producers) -> ChannelAnalysis:
     names = list(producers)
     for k, name in enumerate(names):
         owner[producers[name].ids] = k
-    # producers are in one group when any of their ids share a root
-    comp = list(range(len(names)))
-
-    def top(a: int) -> int:
-        while comp[a] != a:
-            comp[a] = comp[comp[a]]
-            a = comp[a]
-        return a
-
+    # producers are in one group when any of their ids share a root: the same union-find, over
+    # producer indices (a class's root is its smallest member, so groups come in producer order)
     first_owner: dict[int, int] = {}
-    for k, name in enumerate(names):
-        for r in np.unique(roots[producers[name].ids]).tolist():
-            if r in first_owner:
-                ra, rb = top(first_owner[r]), top(k)
-                if ra != rb:
-                    comp[max(ra, rb)] = min(ra, rb)
-            else:
-                first_owner[r] = k
+    linked = {(owner_k, k) for k, name in enumerate(names) for r in np.unique(roots[producers[name].ids]).tolist()
+              if (owner_k := first_owner.setdefault(r, k)) != k}
+    comp = _UF()
+    comp.new(len(names))
+    comp.union(*np.asarray(sorted(linked), np.int64).reshape(-1, 2).T)
     members: dict[int, list[int]] = {}
     for k in range(len(names)):
-        members.setdefault(top(k), []).append(k)
+        members.setdefault(comp.find(k), []).append(k)
     groups = []
     for gi, (_, ks) in enumerate(sorted(members.items())):
         unit_ids: dict[int, list[int]] = {}

@@ -34,6 +34,8 @@ def test_residual_add_couples_and_output_freezes():
     assert set(g) == {("c1", "c2"), ("c3",)}
     assert g[("c1", "c2")].channels == 8 and not g[("c1", "c2")].frozen
     assert g[("c3",)].frozen == "feeds graph output y"
+    # groups are numbered in the order of their first producer, members in producer order
+    assert [(grp.index, grp.producers) for grp in a.groups] == [(0, ["c1", "c2"]), (1, ["c3"])]
 
 
 def test_concat_offsets_split_and_flatten_blocks():
