@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim_cnn.analysis.channels import ChannelAnalysis
+from onnxslim_cnn.analysis.channels import ChannelAnalysis, ChannelInfo
 from onnxslim_cnn.graph import Graph
 from onnxslim_cnn.graph import constant_value as _const, node_label as _label  # shared helpers
 
@@ -87,10 +87,9 @@ class Rewriter:
                             self._slice_input(node, i, m, 0)
             elif op in ("Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow", "Where", "PRelu"):
                 self._elementwise_constants(node)
-            elif op == "Split":
-                self._split(node)
-            elif op == "Slice":
-                self._slice(node)
+            elif op in ("Split", "Slice") and (m := self.mask(node.inputs[0])) is not None:
+                cut = self._split if op == "Split" else self._slice
+                cut(node, m, self.a.info[node.inputs[0].name])
             elif op == "Reshape":
                 self._reshape(node)
         return plan
@@ -278,12 +277,9 @@ class Rewriter:
             if 0 <= axis < v.ndim and v.shape[axis] == len(m):
                 self._slice_input(node, i, m, axis)
 
-    def _split(self, node: gs.Node) -> None:
+    def _split(self, node: gs.Node, m: np.ndarray, ci: ChannelInfo) -> None:
+        """Split of a tensor that loses channels (keep mask ``m``): new split sizes."""
         x = node.inputs[0]
-        m = self.mask(x)
-        ci = self.a.info.get(x.name)
-        if m is None or ci is None:
-            return
         axis = int(node.attrs.get("axis", 0)) % len(x.shape)
         if axis != ci.axis:
             return
@@ -295,12 +291,9 @@ class Rewriter:
             node.attrs["split"] = sizes
         node.attrs.pop("num_outputs", None)
 
-    def _slice(self, node: gs.Node) -> None:
+    def _slice(self, node: gs.Node, m: np.ndarray, ci: ChannelInfo) -> None:
+        """Slice of a tensor that loses channels (keep mask ``m``): starts/ends among the kept."""
         x = node.inputs[0]
-        m = self.mask(x)
-        ci = self.a.info.get(x.name)
-        if m is None or ci is None:
-            return
         starts, ends = _const(node.inputs[1]).astype(np.int64), _const(node.inputs[2]).astype(np.int64)
         rank = len(x.shape)
         axes = _const(node.inputs[3]).reshape(-1) % rank if len(node.inputs) > 3 else np.arange(len(starts))
