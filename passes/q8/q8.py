@@ -394,6 +394,9 @@ class Q8Pass(ModelPass):
             elif o.refit_weights:
                 result.skip("model", "refit_weights: needs static quantization (dynamic=true)")
             quantized = onnx.load(dst)
+            # The tool's intermediate shapes, as the Graph export used to drop them: a later pass
+            # re-infers shapes, and stale value_info is what a rewrite must not leave behind.
+            del quantized.graph.value_info[:]
             result.stats.update(kernel_stats(dst, tmp))
         if not o.dynamic:
             result.stats["calibration_samples"] = ctx.calibration.samples
