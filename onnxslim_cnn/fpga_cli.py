@@ -14,9 +14,7 @@ from .cli import _Parser
 from .errors import UserError
 from .files import check_outputs, write_atomic_many
 from .options import parse_set
-from .passes.fpga import FpgaPass, lower_model, output_files
-from .passes.fpga.fpga import OUTPUT_NAMES
-from .passes.fpga.resources import format_table
+from .passes.fpga import OUTPUT_NAMES, FpgaPass, format_table, lower_model, output_files
 
 
 def main(argv: "list[str]") -> int:

@@ -1,6 +1,7 @@
 """fpga: lowering to the fixed-point IR (``onnxslim_cnn.fixed_point``), C++ emission and
 resource estimates."""
 
-from .fpga import FpgaLowering, FpgaPass, lower_model, output_files
+from .fpga import OUTPUT_NAMES, FpgaLowering, FpgaPass, lower_model, output_files
+from .resources import format_table
 
-__all__ = ["FpgaLowering", "FpgaPass", "lower_model", "output_files"]
+__all__ = ["OUTPUT_NAMES", "FpgaLowering", "FpgaPass", "format_table", "lower_model", "output_files"]
