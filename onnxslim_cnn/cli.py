@@ -3,7 +3,9 @@
 Installed twice, as ``onnxslim`` and as ``onnxslim-cnn`` (the latter never clashes with the
 unrelated OnnxSlim package, which also installs an ``onnxslim`` command).
 
-Exit codes: 0 success, 2 bad input (one line on stderr, no output written), 1 internal error.
+Exit codes: 0 success; 2 bad input (one line on stderr, no output written); 3 the run did not
+do what was asked (a pass failed or was reverted: the reasons on stderr, even with -q, and no
+output model unless --keep-anyway; --allow-skip accepts it and exits 0); 1 internal error.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from .errors import UserError
 
 PROG = "onnxslim"
+EXIT_INCOMPLETE = 3  # the run did not do all it was asked to (see the module docstring)
 
 # Subcommands other than "run passes on IN.onnx": name -> ("module", "function"); the function
 # takes the remaining argv and returns the exit code (UserError -> exit 2 as everywhere).
@@ -63,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench", action="store_true", help="measure ORT CPU latency before/after (1 thread)")
     p.add_argument("--no-fidelity", action="store_true", help="skip the ORT comparison with the original")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no report table")
+    p.add_argument("--keep-anyway", action="store_true",
+                   help="write the output model even when a pass failed or was reverted (still exit 3)")
+    p.add_argument("--allow-skip", action="store_true",
+                   help="best effort: a pass that failed or was reverted is a warning, not exit 3")
     p.add_argument("--list-passes", action="store_true", help="list the passes and their options, then exit")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
@@ -121,8 +128,7 @@ def run(argv: "list[str] | None" = None) -> int:
         raise UserError("need an input and an output model: onnxslim IN.onnx OUT.onnx (see --help)")
 
     from .analysis.calibration import parse_input_shapes
-    from .files import check_outputs, write_atomic
-    from .model_io import save_model
+    from .files import check_outputs
     from .options import load_recipe, parse_set
     from .pipeline import run_pipeline
 
@@ -141,13 +147,44 @@ def run(argv: "list[str] | None" = None) -> int:
     result = run_pipeline(src, passes or None, options=options, calib=args.calib,
                           input_shapes=parse_input_shapes(args.input_shapes), seed=args.seed,
                           fidelity=not args.no_fidelity, bench=args.bench, progress=progress)
-    save_model(result.model, dst)
-    if args.report:
-        write_atomic(args.report, result.report.to_json().encode("utf-8"))
+    report = result.report
+    problems = report.problems
+    incomplete = bool(problems) and not args.allow_skip
     if not args.quiet:
-        print(result.report.format_table())
+        print(report.format_table())
+    for line in problems:
+        print(f"{PROG}: {'warning' if args.allow_skip else 'error'}: {line}", file=sys.stderr)
+    write_model = not incomplete or args.keep_anyway
+    _write_outputs(result.model if write_model else None, dst, report, args.report)
+    if incomplete:
+        kept = f"wrote {dst} anyway (--keep-anyway)" if write_model else f"{dst} not written (--keep-anyway writes it)"
+        print(f"{PROG}: error: the run did not do all that was asked; {kept}; --allow-skip accepts skipped "
+              "passes", file=sys.stderr)
+        return EXIT_INCOMPLETE
+    if not args.quiet:
         print(f"\nwrote {dst}")
     return 0
+
+
+def _write_outputs(model, dst: Path, report, report_path: "str | None") -> None:
+    """The report (if asked) and then the model (if given): a report that cannot be written
+    leaves no model behind, and a model that cannot be written takes its report back."""
+    from .files import write_atomic
+    from .model_io import save_model
+
+    report_written = False
+    if report_path:
+        existed = Path(report_path).exists()
+        write_atomic(report_path, report.to_json().encode("utf-8"))
+        report_written = not existed
+    if model is None:
+        return
+    try:
+        save_model(model, dst)
+    except BaseException:
+        if report_written:
+            Path(report_path).unlink(missing_ok=True)
+        raise
 
 
 def main(argv: "list[str] | None" = None) -> int:

@@ -54,11 +54,16 @@ def write_error(path: "str | os.PathLike", exc: OSError) -> UserError:
     return UserError(f"cannot write {path}: {exc.strerror or exc}")
 
 
-def check_outputs(outputs: "dict[str, str | os.PathLike | None]", inputs: "tuple = ()") -> None:
+def check_outputs(outputs: "dict[str, str | os.PathLike | None]", inputs: "tuple = ()",
+                  folders: "tuple[str | os.PathLike, ...]" = ()) -> None:
     """Refuse, before any work is done, output paths that cannot be written as files: a folder,
-    a path under a regular file, an input file (never modified), or two outputs on one path.
+    a path under a regular file or in a folder that does not exist (like ``cp``: a typo in a
+    path must not make new folders), an input file (never modified), or two outputs on one path.
 
-    ``outputs`` maps a label ("output", "--report") to a path (None = not asked for)."""
+    ``outputs`` maps a label ("output", "--report") to a path (None = not asked for);
+    ``folders`` are output folders the command itself creates (``onnxslim fpga``'s OUTDIR),
+    whose own parent must exist."""
+    created = {Path(f).resolve() for f in folders}
     seen: dict[Path, str] = {}
     for label, path in outputs.items():
         if path is None:
@@ -70,10 +75,17 @@ def check_outputs(outputs: "dict[str, str | os.PathLike | None]", inputs: "tuple
             if src is not None and p.exists() and Path(src).exists() and os.path.samefile(src, p):
                 raise UserError(f"{label} {p} is the input; choose another path")
         parent = p.resolve().parent
-        while not parent.exists():
+        if parent in created:
             parent = parent.parent
-        if not parent.is_dir():
+        if parent.exists() and not parent.is_dir():
             raise UserError(f"cannot write {label} {p}: {parent} is not a folder")
+        if not parent.exists():
+            probe = parent
+            while not probe.exists():
+                probe = probe.parent
+            if not probe.is_dir():
+                raise UserError(f"cannot write {label} {p}: {probe} is not a folder")
+            raise UserError(f"cannot write {label} {p}: folder {parent} does not exist")
         key = p.resolve()
         if key in seen:
             raise UserError(f"{seen[key]} and {label} are the same file ({p})")

@@ -35,7 +35,8 @@ def main(argv: "list[str]") -> int:
     out = Path(args.outdir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} exists and is not a folder")
-    check_outputs({f"output {out / name}": out / name for name in OUTPUT_NAMES}, inputs=(args.input, args.calib))
+    check_outputs({f"output {out / name}": out / name for name in OUTPUT_NAMES}, inputs=(args.input, args.calib),
+                  folders=(out,))
     options = sets.get("fpga", {})
     lowering = lower_model(args.input, calib=args.calib, options=options,
                            input_shapes=parse_input_shapes(args.input_shapes), seed=args.seed)

@@ -46,6 +46,21 @@ class Report:
     latency: "dict | None" = None
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def problems(self) -> list[str]:
+        """Why the run did not do all it was asked to, one line each: a pass that failed (crashed
+        or broke its declared contract) or whose output was invalid and reverted. Empty when
+        every pass ran; the CLI exits 3 when it is not."""
+        out = []
+        for p in self.passes:
+            if p.status == "failed":
+                reason = next((s["reason"] for s in reversed(p.skipped) if s["reason"].startswith("pass failed")),
+                              "pass failed")
+                out.append(f"pass {p.name} failed{reason[len('pass failed'):]}")
+            elif p.status.startswith("reverted"):
+                out.append(f"pass {p.name} produced an invalid model and was reverted{p.status[len('reverted'):]}")
+        return out
+
     def to_dict(self, *, timings: bool = True) -> dict:
         """JSON-ready dict; ``timings=False`` drops wall-clock figures (for byte-stable reports)."""
         passes = []
@@ -60,6 +75,7 @@ class Report:
             "latency": self.latency if timings else None,
             "calibration": self.calibration,
             "warnings": self.warnings,
+            "problems": self.problems,
         }
 
     def to_json(self, **kw: Any) -> str:
