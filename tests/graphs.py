@@ -72,3 +72,19 @@ def user_error(fn, *args, **kw) -> str:
     msg = str(info.value)
     assert msg and "\n" not in msg
     return msg
+
+
+def relu_swapping_pass(name: str, new_op: str, modifies=frozenset({"graph"})):
+    """A throwaway GraphPass class that changes every Relu's op type to ``new_op`` (an unknown
+    op makes an invalid model; another op changes the graph). Register it to use it."""
+    from onnxslim_cnn import GraphPass, PassResult
+
+    def run(self, graph, ctx):
+        result = PassResult()
+        for node in graph.nodes:
+            if node.op == "Relu":
+                node.op = new_op
+                result.change(node.name, f"relu_to_{new_op}")
+        return result
+
+    return type(f"Swap{new_op}", (GraphPass,), {"name": name, "modifies": frozenset(modifies), "run": run})

@@ -11,7 +11,7 @@ import pytest
 from onnx import helper as h
 
 import onnxslim_cnn
-from graphs import assert_same_outputs, conv_bn_model, user_error
+from graphs import assert_same_outputs, conv_bn_model, relu_swapping_pass, user_error
 from onnxslim_cnn import GraphPass, PassResult, Report, pass_infra, register_pass
 from onnxslim_cnn.passes import SlimPass
 
@@ -75,7 +75,8 @@ def test_compress_proto_with_npz_calib_and_options_dict(tmp_path):
 def test_report_dict_and_json(model_path):
     _, report = onnxslim_cnn.compress(model_path, bench=True)
     d = report.to_dict()
-    assert list(d) == ["input", "output", "passes", "fidelity", "latency", "calibration", "warnings"]
+    assert list(d) == ["input", "output", "passes", "fidelity", "latency", "calibration", "warnings", "problems"]
+    assert d["problems"] == []
     assert d["calibration"] == "random(seed=0, samples=8)"
     assert any("no --calib given" in w for w in d["warnings"])
     assert d["input"]["nodes"] == 3 and d["output"]["nodes"] == 2
@@ -157,19 +158,7 @@ def test_pass_apply_standalone(model_path):
 
 
 def test_pass_that_breaks_the_model_is_reverted(temp_pass):
-    @temp_pass
-    class Break(GraphPass):
-        name = "_test_break"
-        modifies = frozenset({"graph"})
-
-        def run(self, graph, ctx):
-            result = PassResult()
-            for node in graph.nodes:
-                if node.op == "Relu":
-                    node.op = "NoSuchOp"
-                    result.change(node.name, "broken")
-            return result
-
+    temp_pass(relu_swapping_pass("_test_break", "NoSuchOp"))
     src = conv_bn_model()
     model, report = onnxslim_cnn.compress(src, passes=["_test_break"])
     rec = report.passes[0]
@@ -190,17 +179,7 @@ def test_a_pass_that_changes_what_it_does_not_declare_is_dropped(temp_pass):
     nothing but edits a weight, fail with the reason; the model before them is kept."""
     from onnxslim_cnn.graph import Graph
 
-    @temp_pass
-    class Grows(GraphPass):
-        name = "_test_grows"
-        modifies = frozenset({"weights"})
-
-        def run(self, graph, ctx):
-            result = PassResult()
-            relu = next(n for n in graph.nodes if n.op == "Relu")
-            relu.op = "Sigmoid"
-            result.change(relu.name, "swapped")
-            return result
+    Grows = temp_pass(relu_swapping_pass("_test_grows", "Sigmoid", modifies={"weights"}))
 
     @temp_pass
     class Scales(GraphPass):

@@ -11,8 +11,8 @@ import json
 import onnx
 import pytest
 
-from graphs import conv_bn_model
-from onnxslim_cnn import GraphPass, PassResult, pass_infra, register_pass
+from graphs import conv_bn_model, relu_swapping_pass
+from onnxslim_cnn import GraphPass, pass_infra, register_pass
 from onnxslim_cnn.cli import main
 
 
@@ -34,18 +34,7 @@ def failing_passes():
         def run(self, graph, ctx):
             raise RuntimeError("boom")
 
-    @register_pass
-    class Breaks(GraphPass):
-        name = "_test_breaks"
-        modifies = frozenset({"graph"})
-
-        def run(self, graph, ctx):
-            result = PassResult()
-            relu = next(n for n in graph.nodes if n.op == "Relu")
-            relu.op = "NoSuchOp"
-            result.change(relu.name, "broken")
-            return result
-
+    register_pass(relu_swapping_pass("_test_breaks", "NoSuchOp"))
     yield
     for name in ("_test_crashes", "_test_breaks"):
         del pass_infra._REGISTRY[name]
@@ -95,30 +84,21 @@ def test_a_complete_run_has_no_problems(model_path, tmp_path, capsys):
     assert capsys.readouterr().err == "" and json.loads(report.read_text())["problems"] == []
 
 
-def test_report_that_cannot_be_written_leaves_no_model(model_path, tmp_path, monkeypatch, capsys):
-    from onnxslim_cnn import files
+@pytest.mark.parametrize("fails", ["report", "model"])
+def test_outputs_are_written_all_or_nothing(model_path, tmp_path, monkeypatch, capsys, fails):
+    """A report that cannot be written leaves no model; a model that cannot be written takes
+    its new report back."""
+    from onnxslim_cnn import files, model_io
     from onnxslim_cnn.errors import UserError
 
-    def refuse(path, data):
-        raise UserError(f"cannot write {path}: No space left on device")
+    def refuse(*args):
+        raise UserError(f"cannot write {args[0 if fails == 'report' else 1]}: No space left on device")
 
-    monkeypatch.setattr(files, "write_atomic", refuse)
+    monkeypatch.setattr(*((files, "write_atomic") if fails == "report" else (model_io, "save_model")), refuse)
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"
     assert main([str(model_path), str(out), "-q", "--report", str(report)]) == 2
-    assert capsys.readouterr().err == f"onnxslim: error: cannot write {report}: No space left on device\n"
-    assert not out.exists() and not report.exists()
-
-
-def test_model_that_cannot_be_written_takes_its_new_report_back(model_path, tmp_path, monkeypatch, capsys):
-    from onnxslim_cnn import model_io
-    from onnxslim_cnn.errors import UserError
-
-    def refuse(model, path):
-        raise UserError(f"cannot write {path}: No space left on device")
-
-    monkeypatch.setattr(model_io, "save_model", refuse)
-    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
-    assert main([str(model_path), str(out), "-q", "--report", str(report)]) == 2
+    assert capsys.readouterr().err == f"onnxslim: error: cannot write {report if fails == 'report' else out}: " \
+                                      "No space left on device\n"
     assert not out.exists() and not report.exists()
 
 
