@@ -16,6 +16,7 @@ Format (version 1), all integers little-endian, documented in docs/container.md:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import struct
 import zlib
@@ -37,6 +38,14 @@ PASS_THROUGH = ("Cast", "Gather", "DequantizeLinear", "Reshape", "Transpose")
 DTYPES = {onnx.TensorProto.FLOAT: np.dtype("<f4"), onnx.TensorProto.UINT8: np.dtype("u1"),
           onnx.TensorProto.UINT16: np.dtype("<u2")}
 MAX_INDEX_BITS = 12
+# unpack's bounds on what a header may claim (docs/container.md, "Costs and limits")
+MAX_RATIO = 128  # model bytes per container byte; pack pads the data section to stay within it
+MAX_MODEL_BYTES = 2 ** 31  # a single-file ONNX model (protobuf limit)
+MAX_HEADER_BYTES = 4 << 20  # inflated header JSON (~300 bytes per tensor: ~14,000 tensors)
+MAX_CONTAINER_BYTES = 3 << 30  # a container of the largest model, dense, is ~2 GiB
+INFLATE_IN, INFLATE_OUT = 1 << 16, 1 << 24  # zlib input and output pieces
+_DTYPE_NAMES = {d.str: d for d in DTYPES.values()}
+_FORMS = {("codes", "dense", "u"), ("codes", "sparse", "u"), ("float", "sparse", "f")}
 
 
 @dataclass
@@ -68,6 +77,8 @@ def pack_bytes(model_bytes: bytes, index_bits: int = 0, min_size: int = 256) -> 
     ``index_bits`` 0 picks, per tensor, the relative-index width (1..12) that codes smallest,
     or dense coding when that is smaller still.
     """
+    if len(model_bytes) > MAX_MODEL_BYTES:
+        raise UserError(f"model of {len(model_bytes):,} bytes: pack takes single-file models under 2 GiB")
     if model_bytes[:len(MAGIC)] == MAGIC:
         raise UserError("is an onnxslim container (written by 'onnxslim pack'); run 'onnxslim unpack' first")
     try:
@@ -121,8 +132,16 @@ def pack_bytes(model_bytes: bytes, index_bits: int = 0, min_size: int = 256) -> 
     header = {"format": "onnxslim-cnn container", "model": model_blob, "model_bytes": len(model_bytes),
               "model_sha256": hashlib.sha256(model_bytes).hexdigest(), "data_length": offset,
               "tensors": [p.record for p in plans]}
+    short = -(-len(model_bytes) // MAX_RATIO) - (PREFIX.size + offset + DIGEST)
+    if short > 0:  # compresses beyond what unpack accepts (an all-zero model): zeros, never read
+        header["padding"] = put(bytes(short))
+        header["data_length"] = offset
     # ~300 bytes of JSON per tensor: zlib halves it, which matters on a 40 KB container
-    head = zlib.compress(json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8"), 9)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    if len(text) > MAX_HEADER_BYTES:
+        raise UserError(f"too many coded tensors ({len(plans):,}: a {len(text):,}-byte header, over the "
+                        f"{MAX_HEADER_BYTES:,} that unpack reads); pack with fewer initializers over 256 entries")
+    head = zlib.compress(text, 9)
     body = PREFIX.pack(MAGIC, VERSION, len(head)) + head + b"".join(blobs)
     return body + hashlib.sha256(body).digest(), plans
 
@@ -239,9 +258,16 @@ def _tensor_context(model: onnx.ModelProto) -> dict[str, tuple[str, "int | None"
 
 
 # --------------------------------------------------------------------------- unpacking
+#
+# Nothing in a container is trusted before it is checked against something smaller: the header
+# against the file size (MAX_HEADER_BYTES, MAX_RATIO), every blob reference against the data
+# section (and no two overlap), every tensor against the model size, every stream against the
+# bytes of its own blob (huffman.check). Only then is the one big buffer, the model, allocated;
+# the zlib streams are inflated into it piece by piece with a cap, so a bomb stops at the size
+# its header claims. Peak memory is the model plus the largest tensor's decode scratch.
 
 
-def unpack_bytes(blob: bytes, label: str = "container") -> bytes:
+def unpack_bytes(blob: bytes, label: str = "container") -> "bytes | bytearray":
     """The model bytes stored in a container; ``UserError`` for anything that is not a valid one."""
     if len(blob) < PREFIX.size or blob[:8] != MAGIC:
         raise UserError(f"{label}: not an onnxslim container (bad magic; expected a file written by 'onnxslim pack')")
@@ -251,78 +277,230 @@ def unpack_bytes(blob: bytes, label: str = "container") -> bytes:
     if len(blob) < PREFIX.size + head_len:
         raise UserError(f"{label}: truncated container ({len(blob)} bytes, header alone needs {PREFIX.size + head_len})")
     try:
-        header = json.loads(zlib.decompress(blob[PREFIX.size:PREFIX.size + head_len]).decode("utf-8"))
-        data_length = int(header["data_length"])
-    except Exception:
-        header, data_length = None, None
+        header = _read_header(blob[PREFIX.size:PREFIX.size + head_len])
+        data_length = _int(header.get("data_length"), "data_length")
+        header_error = ""
+    except (ValueError, zlib.error) as exc:
+        header, data_length, header_error = None, None, str(exc)
     if header is not None:
         expected = PREFIX.size + head_len + data_length + DIGEST
         if len(blob) < expected:
             raise UserError(f"{label}: truncated container ({len(blob)} bytes, expected {expected})")
         if len(blob) > expected:
             raise UserError(f"{label}: corrupt container ({len(blob) - expected} unexpected trailing bytes)")
-    if hashlib.sha256(blob[:-DIGEST]).digest() != blob[-DIGEST:]:
+    if hashlib.sha256(memoryview(blob)[:-DIGEST]).digest() != blob[-DIGEST:]:
         raise UserError(f"{label}: corrupt container (checksum mismatch)")
     if header is None:
-        raise UserError(f"{label}: corrupt container (unreadable header)")
+        raise UserError(f"{label}: corrupt container (unreadable header: {header_error})")
     data = memoryview(blob)[PREFIX.size + head_len:PREFIX.size + head_len + data_length]
     try:
-        model = _restore(header, data)
+        layout = _layout(header, data, len(blob))
+        model = _restore(layout, data)
     except UserError:
         raise
-    except Exception as exc:  # a checksummed but inconsistent file: written by a broken packer
+    except (ValueError, KeyError, TypeError, IndexError, OverflowError, zlib.error) as exc:
+        # a checksummed but inconsistent file: crafted, or written by a broken packer
+        raise UserError(f"{label}: corrupt container ({exc})") from None
+    except MemoryError:
+        raise UserError(f"{label}: not enough memory to restore the {header.get('model_bytes'):,}-byte model") from None
+    except Exception as exc:  # noqa: BLE001 - whatever else a forged file provokes is still bad input
         raise UserError(f"{label}: corrupt container ({type(exc).__name__}: {exc})") from None
-    if hashlib.sha256(model).hexdigest() != header["model_sha256"]:
+    if hashlib.sha256(model).hexdigest() != header.get("model_sha256"):
         raise UserError(f"{label}: corrupt container (restored model does not match its checksum)")
     return model
 
 
-def _restore(header: dict, data: memoryview) -> bytes:
-    def get(ref) -> bytes:
-        start, length = int(ref[0]), int(ref[1])
-        if start < 0 or length < 0 or start + length > len(data):
-            raise ValueError("blob outside the data section")
-        return bytes(data[start:start + length])
-
-    skeleton = zlib.decompress(get(header["model"]))
-    parts, pos = [], 0
-    for rec in sorted(header["tensors"], key=lambda r: r["at"]):
-        at = int(rec["at"]) - sum(len(p) for p in parts[1::2])  # position in the skeleton
-        parts.append(skeleton[pos:at])
-        parts.append(decode_tensor(rec, get))
-        pos = at
-    parts.append(skeleton[pos:])
-    return b"".join(parts)
-
-
-def _get_stream(ref: dict, get) -> huffman.Stream:
-    return huffman.Stream(get(ref["data"]), int(ref["nbits"]), int(ref["count"]),
-                          np.frombuffer(get(ref["lengths"]), dtype=np.uint8),
-                          np.frombuffer(get(ref["sync"]), dtype="<u4"), int(ref["chunk"]))
+def _read_header(head: bytes) -> dict:
+    """The header JSON, inflated with a cap of MAX_HEADER_BYTES."""
+    d = zlib.decompressobj()
+    text = d.decompress(head, MAX_HEADER_BYTES + 1)
+    if len(text) > MAX_HEADER_BYTES:
+        raise ValueError(f"header inflates beyond {MAX_HEADER_BYTES:,} bytes")
+    if not d.eof or d.unused_data:
+        raise ValueError("header is not one complete zlib stream")
+    try:
+        header = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"header is not JSON ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    return header
 
 
-def decode_tensor(rec: dict, get) -> bytes:
-    """Raw little-endian payload of one packed tensor."""
-    dtype, size = np.dtype(rec["dtype"]), int(rec["size"])
-    sym_dtype = np.dtype("<u4") if rec["kind"] == "float" else dtype
-    if rec["encoding"] == "dense":
-        values = huffman.decode(_get_stream(rec["values"], get), sym_dtype)
-        if values.size != size:
-            raise ValueError("dense stream has the wrong length")
-        return values.astype(sym_dtype).tobytes()
-    gaps = huffman.decode(_get_stream(rec["gaps"], get))
-    if rec["kind"] == "float":
-        values = np.frombuffer(get(rec["values_raw"]), dtype="<u4")
+def _int(v, what: str, lo: int = 0, hi: "int | None" = None) -> int:
+    if type(v) is not int or v < lo or (hi is not None and v > hi):
+        raise ValueError(f"bad {what}: {str(v)[:40]}")
+    return v
+
+
+@dataclass
+class _Tensor:
+    at: int
+    nbytes: int
+    dtype: np.dtype  # of the symbols: <u4 for float bit patterns
+    size: int
+    encoding: str
+    background: int = 0
+    values: "huffman.Stream | None" = None
+    gaps: "huffman.Stream | None" = None
+    values_raw: "memoryview | None" = None
+
+
+@dataclass
+class _Layout:
+    model_bytes: int
+    model_blob: memoryview
+    tensors: list
+
+
+def _layout(header: dict, data: memoryview, file_bytes: int) -> _Layout:
+    """Check every size in the header against the file before anything is allocated."""
+    if header.get("format") != "onnxslim-cnn container":
+        raise ValueError("not an onnxslim-cnn container header")
+    model_bytes = _int(header.get("model_bytes"), "model_bytes")
+    if model_bytes > MAX_MODEL_BYTES:
+        raise ValueError(f"header claims a {model_bytes:,}-byte model, over the 2 GiB of a single-file ONNX model")
+    if model_bytes > MAX_RATIO * file_bytes:
+        raise ValueError(f"header claims a {model_bytes:,}-byte model from a {file_bytes:,}-byte file, over the "
+                         f"{MAX_RATIO}:1 that unpack accepts ('onnxslim pack' pads to stay within it)")
+    if not isinstance(header.get("model_sha256"), str):
+        raise ValueError("bad model_sha256")
+    spans: list[tuple[int, int]] = []  # every blob referenced: none may overlap
+
+    def ref(v, what: str) -> memoryview:
+        if not (isinstance(v, list) and len(v) == 2):
+            raise ValueError(f"bad {what} reference")
+        start = _int(v[0], f"{what} offset", 0, len(data))
+        length = _int(v[1], f"{what} length", 0, len(data) - start)
+        spans.append((start, length))
+        return data[start:start + length]
+
+    def stream(v, what: str, alphabet: int) -> huffman.Stream:
+        if not isinstance(v, dict):
+            raise ValueError(f"bad {what} stream")
+        s = huffman.Stream(ref(v.get("data"), what), _int(v.get("nbits"), f"{what} nbits"),
+                           _int(v.get("count"), f"{what} count"), np.frombuffer(ref(v.get("lengths"), what), np.uint8),
+                           ref(v.get("sync"), what), _int(v.get("chunk"), f"{what} chunk", 1))
+        if len(s.sync) % 4:
+            raise ValueError(f"{what}: sync table of {len(s.sync)} bytes")
+        s.sync = np.frombuffer(s.sync, dtype="<u4")
+        huffman.check(s, alphabet)
+        return s
+
+    model_blob = ref(header.get("model"), "model")
+    records = header.get("tensors")
+    if not isinstance(records, list):
+        raise ValueError("bad tensor list")
+    tensors = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise ValueError(f"bad tensor record {i}")
+        what = f"tensor {str(rec.get('name', i))[:60]}"
+        dtype = _DTYPE_NAMES.get(rec.get("dtype"))
+        kind, encoding = rec.get("kind"), rec.get("encoding")
+        if dtype is None or (kind, encoding, dtype.kind) not in _FORMS:
+            raise ValueError(f"{what}: unknown form {rec.get('kind')}/{rec.get('encoding')}/{rec.get('dtype')}")
+        size = _int(rec.get("size"), f"{what} size", 0, model_bytes // dtype.itemsize)
+        at = _int(rec.get("at"), f"{what} offset", 0, model_bytes - size * dtype.itemsize)
+        sym = np.dtype("<u4") if kind == "float" else dtype
+        code_alphabet = 1 << (8 * dtype.itemsize)
+        t = _Tensor(at, size * dtype.itemsize, sym, size, encoding)
+        if encoding == "dense":
+            t.values = stream(rec.get("values"), what, code_alphabet)
+            if t.values.count != size:
+                raise ValueError(f"{what}: dense stream of {t.values.count} symbols for {size} entries")
+        else:
+            bits = _int(rec.get("index_bits"), f"{what} index_bits", 1, MAX_INDEX_BITS)
+            t.background = _int(rec.get("background"), f"{what} background", 0, (1 << (8 * sym.itemsize)) - 1)
+            t.gaps = stream(rec.get("gaps"), what, 1 << bits)
+            if t.gaps.count > size:
+                raise ValueError(f"{what}: {t.gaps.count} entries for {size} weights")
+            if kind == "float":
+                t.values_raw = ref(rec.get("values_raw"), what)
+                if len(t.values_raw) != 4 * t.gaps.count:
+                    raise ValueError(f"{what}: index and value streams differ in length")
+            else:
+                t.values = stream(rec.get("values"), what, code_alphabet)
+                if t.values.count != t.gaps.count:
+                    raise ValueError(f"{what}: index and value streams differ in length")
+        tensors.append(t)
+    tensors.sort(key=lambda t: t.at)
+    for a, b in itertools.pairwise(tensors):
+        if b.at < a.at + a.nbytes:
+            raise ValueError("tensors overlap in the model")
+    spans.sort()
+    for (s0, n0), (s1, _) in itertools.pairwise(spans):
+        if s1 < s0 + n0:
+            raise ValueError("blobs overlap in the data section")
+    return _Layout(model_bytes, model_blob, tensors)
+
+
+class _Inflater:
+    """zlib stream inflated into given buffers, never more than asked for."""
+
+    def __init__(self, blob: memoryview):
+        self.d, self.src, self.off, self.tail = zlib.decompressobj(), blob, 0, b""
+
+    def _feed(self) -> bytes:
+        if not self.tail and self.off < len(self.src):
+            self.tail = bytes(self.src[self.off:self.off + INFLATE_IN])
+            self.off += len(self.tail)
+        return self.tail
+
+    def read_into(self, view: memoryview) -> None:
+        filled = 0
+        while filled < len(view):
+            if self.d.eof or not self._feed():
+                raise ValueError("model blob inflates to less than its recorded size")
+            piece = self.d.decompress(self.tail, min(len(view) - filled, INFLATE_OUT))
+            self.tail = self.d.unconsumed_tail
+            view[filled:filled + len(piece)] = piece
+            filled += len(piece)
+
+    def finish(self) -> None:
+        while not self.d.eof and self._feed():
+            if self.d.decompress(self.tail, 1):
+                raise ValueError("model blob inflates beyond its recorded size")
+            self.tail = self.d.unconsumed_tail
+        if not self.d.eof or self.d.unused_data or self.tail or self.off < len(self.src):
+            raise ValueError("model blob is not one complete zlib stream")
+
+
+def _restore(layout: _Layout, data: memoryview) -> bytearray:
+    model = bytearray(layout.model_bytes)  # zeros: a sparse tensor of background 0 is only scattered
+    view = memoryview(model)
+    inflater = _Inflater(layout.model_blob)
+    pos = 0
+    for t in layout.tensors:
+        inflater.read_into(view[pos:t.at])
+        decode_tensor(t, np.frombuffer(model, dtype=t.dtype, count=t.size, offset=t.at))
+        pos = t.at + t.nbytes
+    inflater.read_into(view[pos:])
+    inflater.finish()
+    return model
+
+
+def decode_tensor(t: _Tensor, out: np.ndarray) -> None:
+    """Decode one checked tensor into ``out`` (its place in the model buffer, all zeros)."""
+    if t.encoding == "dense":
+        huffman.decode(t.values, out=out)
+        return
+    gaps = huffman.decode(t.gaps, np.uint16)  # index_bits <= 12
+    if t.values_raw is not None:
+        values = np.frombuffer(t.values_raw, dtype="<u4")
     else:
-        values = huffman.decode(_get_stream(rec["values"], get), np.int64)
-    if values.size != gaps.size:
-        raise ValueError("index and value streams differ in length")
-    out = np.full(size, int(rec["background"]), dtype=sym_dtype)
-    positions = np.cumsum(gaps + 1) - 1
-    if positions.size and positions[-1] >= size:
-        raise ValueError("relative index beyond the tensor")
-    out[positions] = values.astype(sym_dtype)
-    return out.tobytes()
+        values = huffman.decode(t.values, t.dtype)
+    if t.background:
+        out[:] = t.background
+    last = -1
+    step = 1 << 20  # entries per scatter: bounds the int64 positions
+    for i in range(0, gaps.size, step):
+        positions = np.cumsum(gaps[i:i + step], dtype=np.int64)
+        positions += np.arange(1, positions.size + 1, dtype=np.int64) + last
+        if positions[-1] >= out.size:
+            raise ValueError("relative index beyond the tensor")
+        out[positions] = values[i:i + step]
+        last = int(positions[-1])
 
 
 # --------------------------------------------------------------------------- files
@@ -332,7 +510,7 @@ def pack_file(src: "str | Path", dst: "str | Path", index_bits: int = 0) -> tupl
     """Pack ``src`` into ``dst`` (atomic); returns (input bytes, container bytes, plans)."""
     from .files import write_atomic
 
-    data = _read(src, "input model")
+    data = _read(src, "input model", MAX_MODEL_BYTES)
     try:
         blob, plans = pack_bytes(data, index_bits=index_bits)
     except UserError as exc:
@@ -346,15 +524,20 @@ def pack_file(src: "str | Path", dst: "str | Path", index_bits: int = 0) -> tupl
 def unpack_file(src: "str | Path", dst: "str | Path") -> int:
     from .files import write_atomic
 
-    model = unpack_bytes(_read(src, "container"), str(src))
+    model = unpack_bytes(_read(src, "container", MAX_CONTAINER_BYTES), str(src))
     write_atomic(dst, model)
     return len(model)
 
 
-def _read(path: "str | Path", what: str) -> bytes:
+def _read(path: "str | Path", what: str, limit: int) -> bytes:
     p = Path(path)
     if not p.exists():
         raise UserError(f"{what} not found: {p}")
     if not p.is_file():
         raise UserError(f"{what} is not a file: {p}")
-    return p.read_bytes()
+    if p.stat().st_size > limit:
+        raise UserError(f"{p}: {what} of {p.stat().st_size:,} bytes is over the {limit:,} this command reads")
+    try:
+        return p.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {p}: {exc.strerror or exc}") from None
