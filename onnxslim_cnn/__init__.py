@@ -46,12 +46,17 @@ def save(model: onnx.ModelProto, path: str) -> None:
 def compress(model: "str | onnx.ModelProto", passes: "list[str | Pass] | None" = None, *,
              calib: Any = None, input_shapes: "dict[str, tuple[int, ...]] | None" = None,
              options: "dict[str, dict[str, Any]] | None" = None, seed: int = 0,
-             fidelity: bool = True, bench: bool = False, **flat_options: Any) -> tuple[onnx.ModelProto, Report]:
+             fidelity: bool = True, bench: bool = False, preprocess: Any = None, heldout: "float | None" = None,
+             **flat_options: Any) -> tuple[onnx.ModelProto, Report]:
     """Run ``passes`` (default ``["slim"]``) on ``model``; returns ``(new ModelProto, Report)``.
 
-    ``calib`` is a ``.npz`` path or a dict of arrays named after the model inputs; without it,
-    the documented random generator is used (see ``analysis.calibration``). The input model is
-    never modified.
+    ``calib`` is a ``.npz`` path, a dict of arrays named after the model inputs, a folder of
+    images with ``preprocess`` (a preset name with overrides, ``"imagenet,size=224x224"``; see
+    ``analysis.images``), or ``"random"`` (the documented generator of ``analysis.calibration``).
+    Lossy passes (prune, svd, lowrank, sparsify, q8, share, fp16, fpga) refuse to run with
+    ``calib=None``; exact ones then use the generator. ``heldout`` (default 0.25) is the share of
+    the samples kept out of fitting, on which the report's fidelity is measured. The input model
+    is never modified.
     """
     merged: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (options or {}).items()}
     for key, value in flat_options.items():
@@ -60,5 +65,5 @@ def compress(model: "str | onnx.ModelProto", passes: "list[str | Pass] | None" =
         pass_name, opt = key.split("__", 1)
         merged.setdefault(pass_name, {})[opt] = value
     result = run_pipeline(model, passes, options=merged, calib=calib, input_shapes=input_shapes,
-                          seed=seed, fidelity=fidelity, bench=bench)
+                          seed=seed, fidelity=fidelity, bench=bench, preprocess=preprocess, heldout=heldout)
     return result.model, result.report

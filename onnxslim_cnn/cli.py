@@ -58,7 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="PASS.OPTION=VALUE",
                    help="set a pass option, e.g. --set slim.cse=false (repeatable)")
     p.add_argument("--recipe", help="YAML or JSON file with 'passes' and 'options'")
-    p.add_argument("--calib", help=".npz with one array per model input (axis 0 = samples)")
+    p.add_argument("--calib", metavar="FILE.npz|DIR|random",
+                   help="calibration data: an .npz with one array per model input (axis 0 = samples), a folder "
+                        "of images (jpg/png/bmp, recursive; needs --preprocess), or 'random' (the documented "
+                        "generator: accepts unverified output of lossy passes). Lossy passes refuse to run without it")
+    p.add_argument("--preprocess", metavar="PRESET[,KEY=VALUE,...]",
+                   help="how --calib DIR images become inputs: a preset (imagenet, unit, symmetric, paddleocr_rec, "
+                        "paddleocr_det) and overrides, e.g. imagenet,layout=nhwc,size=224x224 (docs/calibration.md)")
+    p.add_argument("--heldout", type=float, metavar="FRACTION",
+                   help="share of the calibration samples no pass fits on, for the report's fidelity "
+                        "(default 0.25, at least 8 when there are 16 or more samples; 0 = none; at most 0.5)")
     p.add_argument("--input-shape", dest="input_shapes", action="append", default=[], metavar="NAME=D0,D1,...",
                    help="concrete shape for an input with dynamic dims (for random calibration and MACs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random calibration generator (default 0)")
@@ -146,7 +155,8 @@ def run(argv: "list[str] | None" = None) -> int:
     progress = _Progress(enabled=not args.quiet and sys.stderr.isatty())
     result = run_pipeline(src, passes or None, options=options, calib=args.calib,
                           input_shapes=parse_input_shapes(args.input_shapes), seed=args.seed,
-                          fidelity=not args.no_fidelity, bench=args.bench, progress=progress)
+                          fidelity=not args.no_fidelity, bench=args.bench, progress=progress,
+                          **_calibration_args(args))
     report = result.report
     problems = report.problems
     incomplete = bool(problems) and not args.allow_skip
@@ -164,6 +174,18 @@ def run(argv: "list[str] | None" = None) -> int:
     if not args.quiet:
         print(f"\nwrote {dst}")
     return 0
+
+
+def _calibration_args(args: argparse.Namespace) -> dict:
+    """--preprocess and --heldout, each over the recipe's ``calibration`` block."""
+    from .options import recipe_calibration
+
+    out = recipe_calibration(args.recipe) if args.recipe else {}
+    if args.preprocess is not None:
+        out["preprocess"] = args.preprocess
+    if args.heldout is not None:
+        out["heldout"] = args.heldout
+    return out
 
 
 def _write_outputs(model, dst: Path, report, report_path: "str | None") -> None:

@@ -1,11 +1,13 @@
 """``PassContext``: the shared, cached analysis every pass is handed.
 
-Calibration inputs (loaded or generated once), intermediate activations on them (one ORT run
+Calibration inputs (loaded or generated once, split into what passes fit on and what the
+report's fidelity is measured on), intermediate activations on them (one ORT run
 per model for all the tensors passes ask for) and the original model's reference outputs.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,41 +16,81 @@ import onnx
 from .analysis import calibration as calib_mod
 from .analysis.calibration import CalibrationData
 from .analysis.fidelity import reference_outputs
+from .errors import UserError
+
+RANDOM = "random"  # --calib random: the documented generator, asked for explicitly
 
 
 class PassContext:
-    """Shared, cached analysis handed to every pass: calibration inputs, reference outputs, seed."""
+    """Shared, cached analysis handed to every pass: calibration inputs, reference outputs, seed.
+
+    ``calibration`` is what passes fit on. With ``heldout`` > 0 the samples are split first
+    (``calibration.split``) and the held-out part is kept for the pipeline's fidelity only:
+    no pass reads ``heldout`` (tests/core/test_images.py checks it).
+    """
 
     def __init__(self, original: onnx.ModelProto, *, calib: Any = None,
-                 input_shapes: "dict[str, tuple] | None" = None, seed: int = 0, samples: int = 8):
+                 input_shapes: "dict[str, tuple] | None" = None, seed: int = 0, samples: int = 8,
+                 preprocess: Any = None, heldout: float = 0.0):
         self.original = original
         self.seed = seed
         self.input_shapes = input_shapes or {}
         self.samples = samples
         self.warnings: list[str] = []
         self._calib_arg = calib
+        self._preprocess = preprocess
+        self._heldout_fraction = calib_mod.check_heldout(heldout)
         self._calib: CalibrationData | None = None
+        self._split: "calib_mod.Split | None" = None
         self._reference = None
         self.cache: dict[str, Any] = {}
         self.original_session = None  # set by the pipeline, which has loaded the model already
 
-    @property
-    def calibration(self) -> CalibrationData:
-        """Calibration inputs: the ``--calib`` file, a dict of arrays, or the seeded generator."""
-        if self._calib is None:
+    def _load(self) -> "calib_mod.Split":
+        if self._split is None:
             c = self._calib_arg
+            path_like = isinstance(c, (str, Path)) and c != RANDOM
+            if self._preprocess is not None and not (path_like and not Path(c).is_file()):
+                what = "no --calib" if c is None else f"--calib {c}" if isinstance(c, (str, Path)) else "calib arrays"
+                raise UserError(f"--preprocess applies to a folder of images (--calib DIR), not to {what}")
             if isinstance(c, CalibrationData):
-                self._calib = c
-            elif c is None:
-                self._calib = calib_mod.random_inputs(self.original, samples=self.samples, seed=self.seed,
-                                                      input_shapes=self.input_shapes)
+                data = c
+            elif c is None or isinstance(c, str) and c == RANDOM:
+                data = calib_mod.random_inputs(self.original, samples=self.samples, seed=self.seed,
+                                               input_shapes=self.input_shapes)
+                if c == RANDOM:
+                    data.warnings = [f"--calib random: {data.source} inputs (standard normal); lossy passes were "
+                                     "fitted and measured on noise, so the output is unverified"]
             elif isinstance(c, dict):
                 # same validation as a file, without a temp file whose name would show in errors
-                self._calib = calib_mod.from_arrays(c, self.original, "calib arrays", "arrays")
+                data = calib_mod.from_arrays(c, self.original, "calib arrays", "arrays")
+            elif Path(c).is_dir():
+                from .analysis.images import load_folder
+
+                data = load_folder(c, self.original, self._preprocess, self.input_shapes)
             else:
-                self._calib = calib_mod.load_npz(c, self.original)
-            self.warnings.extend(self._calib.warnings)
-        return self._calib
+                data = calib_mod.load_npz(c, self.original)
+            self.warnings.extend(data.warnings)
+            self._split = calib_mod.split(data, self._heldout_fraction)
+            self._calib = self._split.fit
+        return self._split
+
+    @property
+    def calibration(self) -> CalibrationData:
+        """The samples passes fit on: the ``--calib`` file or folder, a dict of arrays, or the
+        seeded generator, without the held-out samples."""
+        return self._load().fit
+
+    @property
+    def heldout(self) -> "CalibrationData | None":
+        """Held-out samples for the pipeline's fidelity (None when nothing is held out).
+        Passes never read this."""
+        return self._load().heldout
+
+    @property
+    def heldout_note(self) -> str:
+        """``"held-out: 8 of 32 samples of folder X"``, or why fidelity uses the fit data."""
+        return self._load().note
 
     def activations(self, model: onnx.ModelProto, names: "list[str]") -> dict[str, np.ndarray]:
         """Values of intermediate tensors ``names`` of ``model`` on the calibration inputs.

@@ -184,15 +184,7 @@ def parse_set(items: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
-def load_recipe(path: "str | Path") -> tuple[list[str], dict[str, dict[str, Any]]]:
-    """Read a YAML or JSON recipe: ``passes`` (names, or one-key maps name -> options) and ``options``.
-
-    Example::
-
-        passes: [slim, prune]
-        options:
-          prune: {ratio: 0.5, criterion: l1}
-    """
+def _read_recipe(path: "str | Path") -> "tuple[Path, dict]":
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe not found: {path}")
@@ -203,8 +195,34 @@ def load_recipe(path: "str | Path") -> tuple[list[str], dict[str, dict[str, Any]
         raise UserError(f"{path}: not a valid recipe ({str(exc).splitlines()[0]})") from None
     if data is None:
         data = {}
-    if not isinstance(data, dict) or set(data) - {"passes", "options"}:
-        raise UserError(f"{path}: a recipe is a mapping with keys 'passes' and 'options'")
+    if not isinstance(data, dict) or set(data) - {"passes", "options", "calibration"}:
+        raise UserError(f"{path}: a recipe is a mapping with keys 'passes' and 'options' (and 'calibration')")
+    return path, data
+
+
+RECIPE_CALIBRATION_KEYS = ("preprocess", "heldout")
+
+
+def recipe_calibration(path: "str | Path") -> dict[str, Any]:
+    """A recipe's ``calibration`` block: ``{preprocess: "imagenet,size=224x224"`` (or a mapping
+    ``{preset: imagenet, size: 224x224}``), ``heldout: 0.25}``; keys absent are not returned."""
+    path, data = _read_recipe(path)
+    block = data.get("calibration") or {}
+    if not isinstance(block, dict) or set(block) - set(RECIPE_CALIBRATION_KEYS):
+        raise UserError(f"{path}: 'calibration' is a mapping with keys {' and '.join(map(repr, RECIPE_CALIBRATION_KEYS))}")
+    return {k: block[k] for k in RECIPE_CALIBRATION_KEYS if block.get(k) is not None}
+
+
+def load_recipe(path: "str | Path") -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Read a YAML or JSON recipe: ``passes`` (names, or one-key maps name -> options) and ``options``.
+
+    Example::
+
+        passes: [slim, prune]
+        options:
+          prune: {ratio: 0.5, criterion: l1}
+    """
+    path, data = _read_recipe(path)
     passes: list[str] = []
     options: dict[str, dict[str, Any]] = {}
     # A string would be iterated character by character and a mapping key by key (its options lost).

@@ -89,6 +89,10 @@ class Pass:
     summary: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     modifies: ClassVar[frozenset] = frozenset()
+    # Its result only approximates the input model (prune, svd, lowrank, sparsify, q8, share,
+    # fp16, fpga's fixed-point IR): the pipeline refuses to run it without calibration data
+    # unless the user asks for random inputs (--calib random). Exact passes (slim, sparse) need none.
+    lossy: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

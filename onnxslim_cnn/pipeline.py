@@ -16,9 +16,11 @@ from typing import Any, Callable
 
 import onnx
 
+from .analysis.calibration import DEFAULT_HELDOUT, check_heldout
 from .analysis.cost import model_stats
 from .analysis.fidelity import fidelity as measure_fidelity
 from .analysis.fidelity import latency as measure_latency
+from .analysis.fidelity import reference_outputs
 from .context import PassContext
 from .errors import UserError
 from .model_io import check_model, load_model
@@ -55,17 +57,31 @@ def run_pipeline(source: "str | onnx.ModelProto", passes: "list[str | Pass] | No
                  options: "dict[str, dict] | None" = None, calib: Any = None,
                  input_shapes: "dict[str, tuple] | None" = None, seed: int = 0,
                  fidelity: bool = True, bench: bool = False,
-                 progress: "Callable[[int, int, str], None] | None" = None) -> PipelineResult:
-    """Load, run ``passes`` in order (default: ``slim``), validate after each, measure, report."""
+                 progress: "Callable[[int, int, str], None] | None" = None,
+                 preprocess: Any = None, heldout: "float | None" = None) -> PipelineResult:
+    """Load, run ``passes`` in order (default: ``slim``), validate after each, measure, report.
+
+    ``calib``: an ``.npz`` path, a folder of images (with ``preprocess``, see
+    ``analysis/images.py``), a dict of arrays, or ``"random"`` (the documented generator, asked
+    for explicitly); None is allowed only when no pass is lossy. ``heldout``: the share of the
+    samples kept out of fitting for the report's fidelity (default 0.25, see ``calibration.split``).
+    """
     from .report import PassRecord, Report
 
     pass_objs = resolve_passes(list(passes) if passes else ["slim"], options)
+    heldout = DEFAULT_HELDOUT if heldout is None else check_heldout(heldout)
     original = load_model(source)
     try:
         original_session = make_session(original)
     except Exception as exc:
         raise UserError(f"onnxruntime cannot load the input model: {str(exc).strip().splitlines()[0]}") from None
-    ctx = PassContext(original, calib=calib, input_shapes=input_shapes, seed=seed)
+    lossy = [p.name for p in pass_objs if p.lossy]
+    if calib is None and lossy:
+        raise UserError(f"{', '.join(lossy)} {'is' if len(lossy) == 1 else 'are'} lossy: give --calib FILE.npz or "
+                        "--calib DIR --preprocess PRESET with real samples to fit and check on, or --calib random "
+                        "to accept unverified output from random inputs")
+    ctx = PassContext(original, calib=calib, input_shapes=input_shapes, seed=seed, preprocess=preprocess,
+                      heldout=heldout)
     ctx.original_session = original_session
     try:
         calibration = ctx.calibration
@@ -112,12 +128,21 @@ def run_pipeline(source: "str | onnx.ModelProto", passes: "list[str | Pass] | No
         progress(total, total, "measure")
     report.output = model_stats(current, cost_shapes)
     if fidelity:
-        report.fidelity = measure_fidelity(original, current, ctx.calibration, ctx.reference(), session=session)
+        # On the held-out samples, which no pass has fitted on; the report says which data it was.
+        held = ctx.heldout
+        data, ref = (held, reference_outputs(original, held, session=original_session)) if held is not None \
+            else (ctx.calibration, ctx.reference())
+        report.fidelity = measure_fidelity(original, current, data, ref, session=session)
+        report.fidelity_data = {"set": "held-out" if held is not None else "fit", "samples": data.samples,
+                                "source": ctx.calibration.source, "text": ctx.heldout_note}
+        if held is None and any(p.lossy or p.needs_calibration for p in pass_objs):
+            ctx.warnings.append(ctx.heldout_note)  # (exact passes fit on nothing: no warning)
+        where = "held-out" if held is not None else "calibration"
         for name, f in report.fidelity.items():
             if "error" in f:
                 ctx.warnings.append(f"output {name}: {f['error']}")
             elif f["cosine"] < LOW_COSINE:
-                ctx.warnings.append(f"output {name}: cosine {f['cosine']:.4f} to the original on the calibration "
+                ctx.warnings.append(f"output {name}: cosine {f['cosine']:.4f} to the original on the {where} "
                                     "inputs; the model changed noticeably, check its task accuracy")
     if bench:
         report.latency = {"before": measure_latency(original, ctx.calibration),

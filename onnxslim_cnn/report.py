@@ -43,6 +43,8 @@ class Report:
     output: "ModelStats | None" = None
     passes: list[PassRecord] = field(default_factory=list)
     fidelity: "dict | None" = None
+    # What fidelity was measured on: {"set": "held-out"|"fit", "samples", "source", "text"}
+    fidelity_data: "dict | None" = None
     latency: "dict | None" = None
     warnings: list[str] = field(default_factory=list)
 
@@ -72,6 +74,7 @@ class Report:
             "output": self.output.to_dict() if self.output else None,
             "passes": passes,
             "fidelity": self.fidelity,
+            "fidelity_data": self.fidelity_data,
             "latency": self.latency if timings else None,
             "calibration": self.calibration,
             "warnings": self.warnings,
@@ -170,7 +173,8 @@ def _table_lines(r: Report, max_items: int) -> list[str]:
             lines.append(f"      ... {len(p.skipped) - max_items} more skipped (see --report)")
     if r.fidelity is not None:
         lines.append("")
-        lines.append(f"Fidelity vs original (ONNX Runtime, {r.calibration} inputs)")
+        on = r.fidelity_data["text"] if r.fidelity_data and r.fidelity_data["set"] == "held-out" else f"{r.calibration} inputs"
+        lines.append(f"Fidelity vs original (ONNX Runtime, {on})")
         for name, f in r.fidelity.items():
             if "error" in f:
                 lines.append(f"  {name}: {f['error']}")

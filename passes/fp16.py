@@ -63,6 +63,7 @@ class Fp16Pass(GraphPass):
                "boundaries (keep_io_types).")
     Options = Fp16Options
     modifies = frozenset({"graph", "interface"})
+    lossy = True
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()

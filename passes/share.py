@@ -79,6 +79,7 @@ class SharePass(GraphPass):
                "exact; stored as uint8/uint16 codes + float codebook (Gather) or DequantizeLinear.")
     Options = ShareOptions
     modifies = frozenset({"graph"})
+    lossy = True
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options

@@ -9,6 +9,18 @@ little about a trained model's real activations):
   inputs in graph order, so the same model and seed always give the same arrays;
 * a symbolic first dimension takes the sample count; any other symbolic dimension must come from
   ``input_shapes`` (``--input-shape name=1,3,640,640``), otherwise the generator refuses.
+
+Real samples come from an ``.npz`` (here) or a folder of images (``analysis/images.py``). Every
+array is checked: finite values only, at least one sample, the model's ranks, fixed dims and
+element kinds; an ``.npz`` is read only after its zip members and npy headers were checked
+against the file (no allocation from a header's claim) and against ``MAX_CALIB_BYTES``.
+
+Held-out split (:func:`split`, used by the pipeline; docs/calibration.md): with ``n >= 16``
+samples and a fraction ``f`` in (0, 0.5], ``k = max(8, round(f * n))`` samples at evenly
+spaced positions ``floor((i + 0.5) * n / k)`` are held out for the report's fidelity and the
+passes fit on the rest; with fewer samples (or ``f = 0``) nothing is held out and the report
+says that fidelity is measured on the fit data. A fixed batch ``b`` splits in whole runs of
+``b``. The rule does not depend on ``--seed``.
 """
 
 from __future__ import annotations
@@ -16,12 +28,30 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper
 
 from ..errors import UserError
+
+# Cap on calibration data held in memory (all arrays together): the activations passes capture
+# on it are a multiple of it, and a few hundred samples are plenty for every pass.
+MAX_CALIB_BYTES = 2 << 30
+# Deflate cannot expand more than ~1032:1; a zip member claiming more is forged.
+MAX_DEFLATE_RATIO = 1100
+DEFAULT_HELDOUT = 0.25
+MAX_HELDOUT = 0.5
+MIN_SPLIT_SAMPLES = 16  # below this nothing is held out
+MIN_HELDOUT = 8
+
+
+def format_bytes(n: float) -> str:
+    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{int(n)} B"
 
 
 @dataclass
@@ -38,10 +68,23 @@ class CalibrationData:
     batch: int  # samples per ORT run (the fixed batch when the model's batch dim is fixed)
     warnings: list[str] = field(default_factory=list)
     fixed_batch: bool = False
+    detail: str = ""  # e.g. "32 images, --preprocess imagenet" for a folder
 
     @property
     def samples(self) -> int:
         return next(iter(self.inputs.values())).shape[0] if self.inputs else 0
+
+    @property
+    def label(self) -> str:
+        """Where the samples came from, for sentences: "file X", "folder X", "arrays", "random(...)"."""
+        kind, sep, rest = self.source.partition(":")
+        return f"{kind} {rest}" if sep and kind in ("file", "folder") else self.source
+
+    def subset(self, index: np.ndarray, source: "str | None" = None) -> "CalibrationData":
+        """The samples at ``index`` (axis 0 of every input), same batch rule, no warnings."""
+        inputs = {k: np.ascontiguousarray(v[index]) if v.ndim else v for k, v in self.inputs.items()}
+        batch = self.batch if self.fixed_batch else max(1, min(self.batch, len(index)))
+        return CalibrationData(inputs, source or self.source, batch, [], self.fixed_batch, self.detail)
 
     def cost_shapes(self) -> dict[str, tuple[int, ...]]:
         """Concrete input shapes for MAC counts: one sample, or the model's fixed batch."""
@@ -147,15 +190,62 @@ def load_npz(path: "str | Path", model: onnx.ModelProto) -> CalibrationData:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"calibration file not found: {path}")
+    _check_npz(path)
     try:
         data = np.load(path, allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):  # a .npy file holds one unnamed array
-            raise ValueError("one array, not named arrays; write the file with numpy.savez")
         with data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise UserError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0]})") from None
     return from_arrays(arrays, model, str(path), f"file:{path}")
+
+
+def _check_npz(path: Path) -> None:
+    """Refuse, before numpy allocates anything, a file that is no zip of .npy arrays or whose
+    members claim more than they hold or more than ``MAX_CALIB_BYTES`` in total."""
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if magic == b"\x93NUMPY":  # a .npy holds one unnamed array
+            raise UserError(f"{path}: not a readable .npz file (a .npy file holds one unnamed array; write named "
+                            "arrays, one per model input, with numpy.savez)")
+        raise UserError(f"{path}: not an .npz (zip) file; write one with numpy.savez(path, input_name=array)")
+    total = 0
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_DEFLATE_RATIO * max(info.compress_size, 1):
+                    raise UserError(f"{path}: array '{key}' claims {format_bytes(info.file_size)} from "
+                                    f"{format_bytes(info.compress_size)} compressed, more than compression can give "
+                                    "(a forged or corrupt file)")
+                with zf.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                    elif version == (2, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                    else:
+                        shape, _, dtype = np.lib.format._read_array_header(f, version)
+                    header = f.tell()
+                if dtype.hasobject:
+                    raise UserError(f"{path}: not a readable .npz file (array '{key}' holds Python objects, which "
+                                    "would need pickle; calibration arrays are numbers)")
+                claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if claimed > info.file_size - header:
+                    raise UserError(f"{path}: array '{key}' claims {format_bytes(claimed)} ({'x'.join(map(str, shape))} "
+                                    f"{dtype}) but its member holds {format_bytes(max(info.file_size - header, 0))} "
+                                    "(a truncated or forged header)")
+                total += claimed
+                if total > MAX_CALIB_BYTES:
+                    raise UserError(f"{path}: arrays of {format_bytes(total)} or more, over the "
+                                    f"{format_bytes(MAX_CALIB_BYTES)} cap on calibration data; use fewer samples "
+                                    "(a few hundred are plenty)")
+    except UserError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{path}: not a readable .npz file ({first})") from None
 
 
 def from_arrays(arrays: "dict[str, np.ndarray]", model: onnx.ModelProto, label: str = "calib",
@@ -175,6 +265,13 @@ def from_arrays(arrays: "dict[str, np.ndarray]", model: onnx.ModelProto, label: 
     inputs, counts = {}, set()
     for spec in specs:
         a = arrays[spec.name]
+        if a.ndim and a.shape[0] == 0:
+            raise UserError(f"{label}: array '{spec.name}' has 0 samples (shape {a.shape}); calibration needs at least one")
+        if np.issubdtype(a.dtype, np.inexact):
+            bad = a.size - int(np.count_nonzero(np.isfinite(a)))
+            if bad:
+                raise UserError(f"{label}: array '{spec.name}' has {bad} non-finite value(s) (Inf or NaN) of {a.size}; "
+                                "calibration data must be finite")
         if len(a.shape) != len(spec.dims):
             raise UserError(f"{label}: array '{spec.name}' has shape {a.shape}, the model input has rank {len(spec.dims)}")
         for axis, d in enumerate(spec.dims):
@@ -199,3 +296,51 @@ def from_arrays(arrays: "dict[str, np.ndarray]", model: onnx.ModelProto, label: 
     warnings = [f"{label}: ignoring arrays that are not model inputs: {', '.join(extra)}"] if extra else []
     return CalibrationData(inputs, source, _run_batch(specs, counts.pop() if counts else 1), warnings,
                            fixed_batch=any(_fixed_batch(s) for s in specs))
+
+
+# --------------------------------------------------------------------------- held-out split
+
+
+@dataclass
+class Split:
+    """The passes' data (``fit``) and the report's (``heldout``, None when nothing is held out)."""
+
+    fit: CalibrationData
+    heldout: "CalibrationData | None"
+    note: str  # "held-out: 8 of 32 samples of folder X", or why fidelity uses the fit data
+
+
+def check_heldout(fraction: Any) -> float:
+    try:
+        f = float(fraction)
+    except (TypeError, ValueError):
+        f = float("nan")
+    if not 0.0 <= f <= MAX_HELDOUT:
+        raise UserError(f"bad --heldout {fraction!r} (the share of calibration samples kept out of fitting for "
+                        f"the report's fidelity: a number within [0, {MAX_HELDOUT}])")
+    return f
+
+
+def split(data: CalibrationData, fraction: float = DEFAULT_HELDOUT) -> Split:
+    """Deterministic fit / held-out split (the rule is in the module docstring)."""
+    fraction = check_heldout(fraction)
+    n = data.samples
+    unit = data.batch if data.fixed_batch else 1
+    units = n // unit if unit else 0
+    k_units = 0
+    if fraction > 0 and n >= MIN_SPLIT_SAMPLES and units * unit == n:
+        k = max(MIN_HELDOUT, round(fraction * n))
+        k_units = min(-(-k // unit), units - 1)  # whole runs of a fixed batch; at least one run to fit
+    if k_units <= 0:
+        why = ("--heldout 0" if fraction == 0 else
+               f"{MIN_SPLIT_SAMPLES} or more samples are needed to hold some out")
+        return Split(data, None, f"fidelity is measured on the data the passes fit on ({n} samples of {data.label}; "
+                                 f"{why})")
+    pos = np.floor((np.arange(k_units) + 0.5) * units / k_units).astype(np.int64)
+    held = np.zeros(units, bool)
+    held[pos] = True
+    per_sample = np.repeat(held, unit)
+    fit = data.subset(np.flatnonzero(~per_sample))
+    fit.warnings = list(data.warnings)
+    out = data.subset(np.flatnonzero(per_sample))
+    return Split(fit, out, f"held-out: {out.samples} of {n} samples of {data.label}")

@@ -103,6 +103,7 @@ class LowrankPass(GraphPass):
                "(or, with speedup, compute) falls; optional least-squares refit on calibration data.")
     Options = LowrankOptions
     modifies = frozenset({"graph"})
+    lossy = True
 
     @property
     def needs_calibration(self) -> bool:

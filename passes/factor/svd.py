@@ -103,6 +103,7 @@ class SvdPass(GraphPass):
                "calibration data (whitened SVD) and keeps accuracy at much lower ranks.")
     Options = SvdOptions
     modifies = frozenset({"graph"})
+    lossy = True
 
     def __init__(self, options=None, **kwargs):
         super().__init__(options, **kwargs)

@@ -61,6 +61,7 @@ class FpgaPass(ModelPass):
                "SQNR/resource table are the result. `onnxslim fpga IN.onnx OUTDIR` writes IR, C++17, hls4ml YAML.")
     Options = FpgaOptions
     modifies = frozenset()
+    lossy = True
 
     @property
     def needs_calibration(self) -> bool:

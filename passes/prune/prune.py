@@ -60,6 +60,7 @@ class PrunePass(GraphPass):
                "op that froze them.")
     Options = PruneOptions
     modifies = frozenset({"graph"})
+    lossy = True
 
     @property
     def needs_calibration(self) -> bool:

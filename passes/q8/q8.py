@@ -277,6 +277,7 @@ class Q8Pass(ModelPass):
                "dynamic quantization. Already-quantized models pass through unchanged.")
     Options = Q8Options
     modifies = frozenset({"graph", "opset"})
+    lossy = True
 
     @property
     def needs_calibration(self) -> bool:

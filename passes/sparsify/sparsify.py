@@ -75,6 +75,7 @@ class SparsifyPass(GraphPass):
                "least-squares refit of the surviving weights on calibration data.")
     Options = SparsifyOptions
     modifies = frozenset({"weights"})
+    lossy = True
 
     @property
     def needs_calibration(self) -> bool:

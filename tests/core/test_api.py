@@ -75,8 +75,12 @@ def test_compress_proto_with_npz_calib_and_options_dict(tmp_path):
 def test_report_dict_and_json(model_path):
     _, report = onnxslim_cnn.compress(model_path, bench=True)
     d = report.to_dict()
-    assert list(d) == ["input", "output", "passes", "fidelity", "latency", "calibration", "warnings", "problems"]
+    assert list(d) == ["input", "output", "passes", "fidelity", "fidelity_data", "latency", "calibration", "warnings",
+                       "problems"]
     assert d["problems"] == []
+    assert d["fidelity_data"] == {"set": "fit", "samples": 8, "source": "random(seed=0, samples=8)",
+                                  "text": "fidelity is measured on the data the passes fit on (8 samples of "
+                                          "random(seed=0, samples=8); 16 or more samples are needed to hold some out)"}
     assert d["calibration"] == "random(seed=0, samples=8)"
     assert any("no --calib given" in w for w in d["warnings"])
     assert d["input"]["nodes"] == 3 and d["output"]["nodes"] == 2
@@ -326,7 +330,8 @@ def test_report_warns_when_outputs_change_noticeably():
     model = reference.build("resnet18", width=0.25, input_size=32, num_classes=10)
     _, exact = onnxslim_cnn.compress(model)
     assert not any("changed noticeably" in w for w in exact.warnings)
-    _, lossy = onnxslim_cnn.compress(model, passes=["prune"], prune__ratio=0.9, prune__compensate=False)
+    _, lossy = onnxslim_cnn.compress(model, passes=["prune"], prune__ratio=0.9, prune__compensate=False,
+                                     calib="random")
     cos = lossy.fidelity["logits"]["cosine"]
     assert cos < 0.99
     assert f"output logits: cosine {cos:.4f} to the original on the calibration inputs; the model changed " \

@@ -147,7 +147,7 @@ def test_load_npz_bad_files(tmp_path):
     assert user_error(load_npz, tmp_path / "no.npz", m) == f"calibration file not found: {tmp_path / 'no.npz'}"
     text = tmp_path / "t.npz"
     text.write_text("not numpy")
-    assert user_error(load_npz, text, m).startswith(f"{text}: not a readable .npz file")
+    assert user_error(load_npz, text, m).startswith(f"{text}: not an .npz (zip) file")
     single = tmp_path / "x.npy"
     np.save(single, np.zeros((2, 4, 8, 8), np.float32))  # a .npy is one array, not named arrays
     assert user_error(load_npz, single, m).startswith(f"{single}: not a readable .npz file")

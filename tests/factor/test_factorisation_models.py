@@ -11,7 +11,7 @@ REDUCED = {"width": 0.25, "input_size": 64, "num_classes": 10}
 @pytest.mark.parametrize("name", sorted(reference.REFERENCE_MODELS))
 def test_svd_full_rank_is_exact(name):
     model = reference.build(name, **REDUCED)
-    out, report = onnxslim_cnn.compress(model, passes=["slim", "svd"],
+    out, report = onnxslim_cnn.compress(model, passes=["slim", "svd"], calib="random",
                                         svd__allow_growth=True, svd__energy=1.0, svd__min_params=0,
                                         svd__conv_fc_only=False)
     rec = report.passes[1]
@@ -24,7 +24,7 @@ def test_svd_full_rank_is_exact(name):
 @pytest.mark.parametrize("name", sorted(reference.REFERENCE_MODELS))
 def test_lowrank_full_rank_is_exact(name):
     model = reference.build(name, **REDUCED)
-    out, report = onnxslim_cnn.compress(model, passes=["slim", "lowrank"], lowrank__allow_growth=True,
+    out, report = onnxslim_cnn.compress(model, passes=["slim", "lowrank"], calib="random", lowrank__allow_growth=True,
                                         lowrank__energy=1.0)
     rec = report.passes[1]
     assert rec.status == "ok"

@@ -173,7 +173,7 @@ def test_one_selector_only():
 
 def test_compress_deterministic_and_reported():
     model = conv_model(C=16, N=16, hw=(16, 16))
-    outs = [onnxslim_cnn.compress(model, passes=["lowrank"], lowrank__rank=8) for _ in range(2)]
+    outs = [onnxslim_cnn.compress(model, passes=["lowrank"], calib="random", lowrank__rank=8) for _ in range(2)]
     (m1, r1), (m2, _) = outs
     assert m1.SerializeToString(deterministic=True) == m2.SerializeToString(deterministic=True)
     rec = r1.passes[0]
@@ -198,7 +198,7 @@ def test_shared_weight_is_factorised_once():
 
 def test_resnet18_speedup_2_macs_fall_as_computed():
     model = reference.build("resnet18", width=0.25, input_size=64, num_classes=10)
-    out, report = onnxslim_cnn.compress(model, passes=["slim", "lowrank"],
+    out, report = onnxslim_cnn.compress(model, passes=["slim", "lowrank"], calib="random",
                                         options={"lowrank": {"speedup": 2, "speedup_rounding": "floor"}})
     rec = report.passes[1]
     assert rec.status == "ok" and rec.stats["split_jaderberg"] == 17  # every KxK conv; 1x1 skipped

@@ -42,7 +42,8 @@ def zero_units(model: onnx.ModelProto, share: float, seed: int) -> int:
 def test_pruning_zeroed_filters_is_exact(name):
     model = reference.build(name, **REDUCED)
     assert zero_units(model, 0.25, seed=1) > 0
-    out, report = onnxslim_cnn.compress(model, passes=["prune"], prune__zero_only=True, prune__protect_first=False)
+    out, report = onnxslim_cnn.compress(model, passes=["prune"], calib="random", prune__zero_only=True,
+                                        prune__protect_first=False)
     assert report.passes[0].status == "ok"
     assert report.passes[0].stats["channels_removed"] > 0
     for f in report.fidelity.values():
@@ -56,7 +57,7 @@ def test_pruning_zeroed_filters_is_exact(name):
                                                    (0.5, "uniform", "bn_gamma"), (0.4, "uniform", "activation")])
 def test_random_ratios_give_valid_models(name, ratio, scope, criterion):
     model = reference.build(name, **REDUCED)
-    out, report = onnxslim_cnn.compress(model, passes=["prune"], prune__ratio=ratio, prune__scope=scope,
+    out, report = onnxslim_cnn.compress(model, passes=["prune"], calib="random", prune__ratio=ratio, prune__scope=scope,
                                         prune__criterion=criterion, prune__round_to=2)
     assert report.passes[0].status == "ok", report.passes[0].status
     onnx.checker.check_model(out, full_check=True)
@@ -70,7 +71,7 @@ def test_random_ratios_give_valid_models(name, ratio, scope, criterion):
 
 def test_report_lists_frozen_groups_and_cli_options(tmp_path):
     model = reference.build("resnet18", **REDUCED)
-    out, report = onnxslim_cnn.compress(model, passes=["prune"], prune__ratio=0.5)
+    out, report = onnxslim_cnn.compress(model, passes=["prune"], calib="random", prune__ratio=0.5)
     reasons = [s["reason"] for s in report.passes[0].skipped]
     assert "frozen: feeds graph output logits" in reasons
     assert "protected layer" in reasons  # the stem conv's residual stream
@@ -83,7 +84,8 @@ def test_report_table_lists_before_after_pairs_of_any_pass():
     not from prune's keys: prune's channels, another pass's params and ratios alike."""
     from onnxslim_cnn.report import PassRecord
 
-    _, report = onnxslim_cnn.compress(reference.build("resnet18", **REDUCED), passes=["prune"], prune__ratio=0.5)
+    _, report = onnxslim_cnn.compress(reference.build("resnet18", **REDUCED), passes=["prune"], calib="random",
+                                      prune__ratio=0.5)
     assert "\n      layer1.0.conv1: 16 -> 8 channels\n" in report.format_table()
     change = {"item": "fc", "action": "split", "params_before": 100, "params_after": 40, "macs_before": 5,
               "macs_after": None, "range_ratio_before": 2.5, "range_ratio_after": 1.25, "kept_before": "x"}
@@ -139,11 +141,12 @@ def test_grouped_conv_pruned_exactly_and_validly():
     m = make_model(nodes, [vi("x", ["N", 4, 8, 8])], [vi("y", ["N", 6, 8, 8])],
                    [init("w1", w1), init("wg", rng.normal(size=(12, 4, 3, 3))), init("bg", rng.normal(size=12)),
                     init("w3", rng.normal(size=(6, 12, 1, 1)))])
-    out, rep = onnxslim_cnn.compress(m, passes=["prune"], prune__zero_only=True, prune__protect_first=False)
+    out, rep = onnxslim_cnn.compress(m, passes=["prune"], calib="random", prune__zero_only=True,
+                                     prune__protect_first=False)
     assert rep.passes[0].stats["channels_removed"] == 1  # one unit = 2 channels
     assert list(onnx.numpy_helper.to_array([t for t in out.graph.initializer if t.name.startswith("wg")][0]).shape) == [12, 3, 3, 3]
     assert rep.fidelity["y"]["rel_error"] < 1e-5
-    out, rep = onnxslim_cnn.compress(m, passes=["prune"], prune__ratio=0.5, prune__protect_first=False)
+    out, rep = onnxslim_cnn.compress(m, passes=["prune"], calib="random", prune__ratio=0.5, prune__protect_first=False)
     assert rep.passes[0].status == "ok"
     onnx.checker.check_model(out, full_check=True)
 

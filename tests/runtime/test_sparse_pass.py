@@ -34,8 +34,9 @@ def small_model(rng):
 def test_sparse_pass_stores_claimable_weights_and_reports_them():
     rng = np.random.default_rng(0)
     model = small_model(rng)
-    pruned, _ = onnxslim_cnn.compress(model, passes=["sparsify"], sparsify__ratio=0.9, sparsify__scope="layer",
-                                      sparsify__min_params=0, sparsify__skip_depthwise=False, fidelity=False)
+    pruned, _ = onnxslim_cnn.compress(model, passes=["sparsify"], calib="random", sparsify__ratio=0.9,
+                                      sparsify__scope="layer", sparsify__min_params=0, sparsify__skip_depthwise=False,
+                                      fidelity=False)
     out, report = onnxslim_cnn.compress(pruned, passes=["sparse"], fidelity=False)
     result = report.passes[0]
     stats = result["stats"] if isinstance(result, dict) else result.stats
@@ -57,7 +58,7 @@ def test_sparse_pass_stores_claimable_weights_and_reports_them():
 
 def test_sparse_pass_threshold_and_store_off():
     rng = np.random.default_rng(1)
-    pruned, _ = onnxslim_cnn.compress(small_model(rng), passes=["sparsify"], sparsify__ratio=0.6,
+    pruned, _ = onnxslim_cnn.compress(small_model(rng), passes=["sparsify"], calib="random", sparsify__ratio=0.6,
                                       sparsify__scope="layer", sparsify__min_params=0, fidelity=False)
     out, report = onnxslim_cnn.compress(pruned, passes=["sparse"], sparse__min_sparsity=0.7, fidelity=False)
     text = report.format_table()
@@ -94,7 +95,7 @@ def test_sparse_storage_round_trips_through_other_passes():
 @pytest.mark.skipif(REASON is not None, reason=f"sparse EP unavailable: {REASON}")
 def test_cli_bench_sparse_ep(tmp_path, capsys):
     rng = np.random.default_rng(3)
-    pruned, _ = onnxslim_cnn.compress(small_model(rng), passes=["sparsify", "sparse"], sparsify__ratio=0.9,
+    pruned, _ = onnxslim_cnn.compress(small_model(rng), passes=["sparsify", "sparse"], calib="random", sparsify__ratio=0.9,
                                       sparsify__scope="layer", sparsify__min_params=0, fidelity=False)
     path = tmp_path / "m.onnx"
     onnxslim_cnn.save(pruned, str(path))
