@@ -23,6 +23,9 @@ over seeded N(0,1) input, see ``GraphBuilder.calibrate_batchnorm``) and then jit
 (mean + N(0, 0.1)*std, var * U(0.5, 2)), like a trained network's, so activations stay O(1) and
 the logits depend on the input. Convs use Kaiming-normal (fan-in) weights, torch-default biases.
 
+``resnet20_cifar`` is He et al.'s CIFAR ResNet-20 with the parameter-free option-A shortcut:
+stride-2 subsample (Slice) and channel zero-padding (Pad on axis 1), as torch exports it.
+
 ``senet_small`` is MobileNetV3-Small (depthwise convs, Squeeze-Excitation blocks
 GlobalAveragePool -> 1x1 conv -> Relu -> 1x1 conv -> HardSigmoid -> Mul, HardSwish).
 
@@ -45,7 +48,7 @@ from .layers import BUFFER_SUFFIXES, GraphBuilder, make_divisible, scale_channel
 __all__ = [
     "REFERENCE_MODELS", "TORCHVISION_PARAM_COUNTS", "build", "build_vgg16", "build_alexnet",
     "build_resnet18", "build_resnet50", "build_mobilenetv2", "build_squeezenet11",
-    "build_senet_small", "count_parameters", "expected_param_count", "main",
+    "build_senet_small", "build_resnet20_cifar", "count_parameters", "expected_param_count", "main",
 ]
 
 # torchvision's sum(p.numel() for p in model.parameters()) at width 1, 224x224, 1000 classes.
@@ -148,6 +151,60 @@ def _resnet(block, layers):
         x = b.flatten("flatten", b.global_avgpool("avgpool", x))
         return b.linear("fc", x, classes, gain=1.0)
     return arch
+
+
+# ---------------------------------------------------------------------------- CIFAR ResNet-20 (option A)
+_INT64_MAX = 2 ** 63 - 1  # torch.onnx's "to the end" in a Slice
+
+
+def _int64(b: GraphBuilder, name: str, values) -> str:
+    """An int64 initializer (Slice / Pad parameters): not a parameter, shared by name."""
+    if name not in b._init_names:
+        b._init_names.add(name)
+        if b.materialize:
+            b.initializers.append(onnx.numpy_helper.from_array(np.asarray(values, np.int64), name))
+    return name
+
+
+def _shortcut_a(b: GraphBuilder, p: str, x: str, planes: int, stride: int) -> str:
+    """He et al.'s option A shortcut (the CIFAR ResNets): subsample by the stride, zero-pad the
+    new channels, no parameters. torch's ``F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, planes // 4,
+    planes // 4))`` exports as Slice(axes 2, 3, steps 2) -> Pad(constant) on the channel axis;
+    for other widths the extra channels are split as evenly (the odd one after)."""
+    c, h, w = b.shapes[x]
+    if stride != 1:
+        x = b._node("Slice", f"{p}.shortcut.slice",
+                    [x, _int64(b, "shortcut.starts", [0, 0]), _int64(b, "shortcut.ends", [_INT64_MAX] * 2),
+                     _int64(b, "shortcut.axes", [2, 3]), _int64(b, f"shortcut.steps{stride}", [stride, stride])],
+                    (c, -(-h // stride), -(-w // stride)))
+    if planes != c:
+        lo = (planes - c) // 2
+        _, h, w = b.shapes[x]
+        pads = _int64(b, f"{p}.shortcut.pads", [0, lo, 0, 0, 0, planes - c - lo, 0, 0])
+        x = b._node("Pad", f"{p}.shortcut.pad", [x, pads], (planes, h, w), mode="constant")
+    return x
+
+
+def _cifar_block(b: GraphBuilder, p: str, x: str, planes: int, stride: int) -> str:
+    cin = b.shapes[x][0]
+    y = b.relu(f"{p}.relu1", b.bn(f"{p}.bn1", b.conv(f"{p}.conv1", x, planes, 3, stride)))
+    y = b.bn(f"{p}.bn2", b.conv(f"{p}.conv2", y, planes, 3))
+    if stride != 1 or cin != planes:
+        x = _shortcut_a(b, f"{p}", x, planes, stride)
+    return b.relu(f"{p}.relu2", b.add(f"{p}.add", y, x))
+
+
+def _resnet20_cifar(b: GraphBuilder, width: float, size: int, classes: int) -> str:
+    """ResNet-20 for CIFAR (He et al. 2016, section 4.2): 3x3 stem of 16, three stages of three
+    basic blocks (16, 32, 64 channels; stride 2 at stages 2 and 3) with option-A shortcuts,
+    global average pool, one FC. 269,722 parameters at width 1 with 10 classes."""
+    x = b.input("input", 3, size, size)
+    x = b.relu("relu", b.bn("bn1", b.conv("conv1", x, scale_channels(16, width), 3)))
+    for li, planes in enumerate((16, 32, 64), start=1):
+        for j in range(3):
+            x = _cifar_block(b, f"layer{li}.{j}", x, scale_channels(planes, width), 2 if li > 1 and j == 0 else 1)
+    x = b.flatten("flatten", b.global_avgpool("avgpool", x))
+    return b.linear("linear", x, classes, gain=1.0)
 
 
 # ---------------------------------------------------------------------------- MobileNetV2
@@ -256,6 +313,7 @@ _ARCHS: dict[str, Callable[[GraphBuilder, float, int, int], str]] = {
     "mobilenetv2": _mobilenetv2,
     "squeezenet11": _squeezenet11,
     "senet_small": _senet_small,
+    "resnet20_cifar": _resnet20_cifar,
 }
 
 
@@ -298,6 +356,7 @@ build_resnet50 = _make_builder("resnet50")
 build_mobilenetv2 = _make_builder("mobilenetv2")
 build_squeezenet11 = _make_builder("squeezenet11")
 build_senet_small = _make_builder("senet_small")
+build_resnet20_cifar = _make_builder("resnet20_cifar")
 
 REFERENCE_MODELS: dict[str, Callable[..., onnx.ModelProto]] = {
     "vgg16": build_vgg16,
@@ -307,6 +366,7 @@ REFERENCE_MODELS: dict[str, Callable[..., onnx.ModelProto]] = {
     "mobilenetv2": build_mobilenetv2,
     "squeezenet11": build_squeezenet11,
     "senet_small": build_senet_small,
+    "resnet20_cifar": build_resnet20_cifar,
 }
 
 
@@ -318,11 +378,11 @@ def build(name: str, **kw) -> onnx.ModelProto:
 
 
 def count_parameters(model: onnx.ModelProto) -> int:
-    """torch-style parameter count: all initializers except BN buffers (running_mean/var) and
-    scalar constants (Clip bounds)."""
+    """torch-style parameter count: all float initializers except BN buffers (running_mean/var)
+    and scalar constants (Clip bounds); int64 Slice/Pad parameters are not weights."""
     n = 0
     for init in model.graph.initializer:
-        if init.name.endswith(BUFFER_SUFFIXES) or len(init.dims) == 0:
+        if init.name.endswith(BUFFER_SUFFIXES) or len(init.dims) == 0 or init.data_type != onnx.TensorProto.FLOAT:
             continue
         n += int(np.prod(init.dims, dtype=np.int64))
     return n

@@ -3,7 +3,9 @@
 Every output channel of a prunable producer (Conv/ConvTranspose with groups=1, Gemm/MatMul with a
 constant weight) gets a global integer id. Ids flow through the graph: each tensor that carries
 them knows its channel axis and, per position on that axis, the id of the channel it came from
-(a Flatten repeats each id H*W times, a Concat concatenates id lists, a Slice/Split cuts them).
+(a Flatten repeats each id H*W times, a Concat concatenates id lists, a Slice/Split cuts them,
+a constant Pad of the channel axis adds new ids for the padded channels, which the rewrite can
+remove by padding less).
 Where two tensors must keep the same channels (a residual Add, an SE scale Mul, a depthwise conv's
 in = out coupling, a Concat along another axis) their ids are unified (union-find). A class of
 unified ids is one pruning *unit*: removing it removes that channel from every producer, BN,
@@ -11,7 +13,10 @@ per-channel constant and consumer that touches it. Producers whose units are uni
 ``ChannelGroup`` (e.g. all convs writing a ResNet stage's residual stream).
 
 Anything not understood freezes the ids it touches, with the op that froze them: they are never
-pruned and the report lists them. Graph outputs freeze their ids so output shapes never change.
+pruned and the report lists them. Its output carries no ids, and an element-wise op that meets
+such an untracked tensor along the channel axis freezes its other operands too (their channel
+count must stay that of the untracked side). Graph outputs freeze their ids so output shapes
+never change.
 The design follows Torch-Pruning's dependency graph (index mappings through Concat/Split/Flatten),
 written for ONNX graphs.
 """
@@ -34,7 +39,7 @@ UNARY = {"Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSw
 BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow", "Where", "Equal", "Greater", "Less"}
 # Ops that only touch spatial axes (N and C pass through).
 SPATIAL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool",
-           "Resize", "Upsample", "DepthToSpace_never", "Pad", "LRN_never"}
+           "Resize", "Upsample", "DepthToSpace_never", "LRN_never"}
 NORM_PER_CHANNEL = {"BatchNormalization", "InstanceNormalization"}
 
 
@@ -259,12 +264,9 @@ def _propagate(graph, node, op, ins, out, uf, info, producers) -> bool:  # noqa:
             raise _Freeze("PRelu slope is not a constant")
         info[out.name] = ChannelInfo(x.axis, x.ids)
         return True
+    if op == "Pad":
+        return _pad(node, x, out, uf, info)
     if op in SPATIAL:
-        if op == "Pad":
-            pads = _const(node.inputs[1]) if len(node.inputs) > 1 else np.asarray(node.attrs.get("pads", []))
-            r = _rank(node.inputs[0])
-            if pads is None or r is None or pads[x.axis] or pads[x.axis + r]:
-                raise _Freeze("pads the channel axis")
         if op in ("Resize", "Upsample"):
             scales = [t for t in node.inputs[1:] if _const(t) is not None and _const(t).size]
             if any(_const(t).size > x.axis and _const(t).dtype.kind == "f" and _const(t)[x.axis] != 1 for t in scales):
@@ -290,6 +292,54 @@ def _propagate(graph, node, op, ins, out, uf, info, producers) -> bool:  # noqa:
     return False
 
 
+def channel_pads(node: gs.Node, axis: int) -> "tuple[np.ndarray, int, int] | None":
+    """A Pad's pads as an int64 array and the indices in it of the channel axis's two sides
+    (-1 when ``axes`` leaves that axis out); None when the pads or axes are not constants."""
+    if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].name:
+        pads = _const(node.inputs[1])
+    else:
+        pads = np.asarray(node.attrs.get("pads", []), np.int64)  # opset < 11: an attribute
+    rank = _rank(node.inputs[0])
+    if pads is None or rank is None:
+        return None
+    pads = np.asarray(pads, np.int64).reshape(-1)
+    if len(node.inputs) > 3 and node.inputs[3] is not None and node.inputs[3].name:  # opset 18 axes
+        axes = _const(node.inputs[3])
+        if axes is None:
+            return None
+        axes = [int(a) % rank for a in np.asarray(axes).reshape(-1)]
+    else:
+        axes = list(range(rank))
+    if pads.size != 2 * len(axes):
+        return None
+    if axis not in axes:
+        return pads, -1, -1
+    k = axes.index(axis)
+    return pads, k, k + len(axes)
+
+
+def _pad(node, x, out, uf, info) -> bool:
+    """Pad: spatial pads pass ids through. Constant padding of the channel axis (the option-A
+    shortcut of the CIFAR ResNets) gets new ids for the padded channels, so a residual Add couples
+    them with the other branch: removing such a channel pads one channel less."""
+    found = channel_pads(node, x.axis)
+    if found is None:
+        raise _Freeze("Pad with non-constant pads or axes")
+    pads, lo_i, hi_i = found
+    lo, hi = (int(pads[lo_i]), int(pads[hi_i])) if lo_i >= 0 else (0, 0)
+    if lo == hi == 0:
+        info[out.name] = ChannelInfo(x.axis, x.ids)
+        return True
+    mode = node.attrs.get("mode", "constant")
+    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    if mode != "constant":
+        raise _Freeze(f"{mode} padding of the channel axis copies channels")
+    if lo < 0 or hi < 0:
+        raise _Freeze("Pad crops the channel axis")
+    info[out.name] = ChannelInfo(x.axis, np.concatenate([uf.new(lo), x.ids, uf.new(hi)]))
+    return True
+
+
 def _binary(node, ins, out, uf, info) -> bool:
     out_rank = _rank(out)
     carried = [(i, c) for i, c in enumerate(ins) if c is not None]
@@ -310,6 +360,16 @@ def _binary(node, ins, out, uf, info) -> bool:
             raise _Freeze("channel counts differ")
         else:
             uf.union(ids, c.ids)  # residual Add, SE scale Mul: same channels on both sides
+    # a variable operand that carries no ids (the output of something frozen or not understood,
+    # or computed at run time) keeps its channel count: unless it broadcasts, nothing here may go
+    for i, t in enumerate(node.inputs):
+        if ins[i] is not None or t is None or isinstance(t, gs.Constant) or not t.name:
+            continue
+        if t.shape is None:
+            raise _Freeze(f"combined with {t.name}, of unknown shape, which carries no channel ids")
+        k = axis_out - (out_rank - len(t.shape))
+        if 0 <= k < len(t.shape) and t.shape[k] != 1:
+            raise _Freeze(f"combined with {t.name}, whose channels are fixed")
     # constant operands must be per-channel along that axis (sliced on rewrite) or broadcast
     for t in node.inputs:
         v = _const(t)
@@ -372,7 +432,9 @@ def _split_slice(node, x, uf, info) -> bool:
     sl = slice(None)
     for s, e, a, st in zip(starts, ends, axes, steps):
         if a == x.axis:
-            sl = slice(int(s), int(min(e, 2**62)), int(st))
+            if st != 1:  # which channels a stride picks depends on the count before them
+                raise _Freeze(f"Slice with step {int(st)} on the channel axis")
+            sl = slice(int(max(min(s, 2**62), -2**62)), int(max(min(e, 2**62), -2**62)))
     info[node.outputs[0].name] = ChannelInfo(x.axis, x.ids[sl])
     return True
 

@@ -17,6 +17,7 @@ import dataclasses
 from typing import Literal
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from onnxslim_cnn.analysis.channels import ChannelAnalysis, ChannelGroup, analyze
 from onnxslim_cnn.graph import Graph
@@ -70,6 +71,9 @@ class PrunePass(GraphPass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
         result = PassResult()
+        folded = _fold_constant_operands(graph)
+        if folded:
+            result.stats["constants_folded"] = folded
         analysis = analyze(graph)
         protected = set(o.protect)
         if o.protect_first:
@@ -116,6 +120,59 @@ class PrunePass(GraphPass):
         result.stats["channels_removed"] = int(sum(len(v) for v in removed_units.values()))
         result.stats["groups_frozen"] = sum(1 for g in analysis.groups if g.frozen)
         return result
+
+
+_SHAPE_ONLY = ("Reshape", "Unsqueeze", "Squeeze", "Identity")
+
+
+def _fold_constant_operands(graph: Graph) -> int:
+    """Constants behind a shape-only node, feeding an element-wise op, become constants: Paddle
+    exports a conv's bias as ``Add(conv, Reshape(bias, [1, C, 1, 1]))``, which the channel analysis
+    can only slice (and prune) as a constant; as a computed tensor it has to freeze the conv."""
+    from onnxslim_cnn.analysis.channels import BINARY
+
+    n = 0
+    for node in list(graph.nodes):
+        if node.op not in _SHAPE_ONLY or len(node.outputs) != 1:
+            continue
+        out = node.outputs[0]
+        ins = [t for t in node.inputs if t is not None and t.name]
+        if (not ins or not all(isinstance(t, gs.Constant) for t in ins) or graph.is_graph_output(out)
+                or not any(c.op in BINARY for c in out.outputs)):
+            continue
+        value = _shape_only_value(node, [np.asarray(t.values) for t in ins])
+        if value is None:
+            continue
+        graph.replace_uses(out, graph.add_constant(f"{out.name}.folded", value))
+        n += 1
+    if n:
+        graph.remove_unused()  # the folded nodes
+    return n
+
+
+def _shape_only_value(node, vals: list) -> "np.ndarray | None":
+    x = vals[0]
+    if node.op == "Identity":
+        return x
+    if node.op == "Reshape":
+        if len(vals) < 2:
+            return None
+        shape = [int(d) for d in vals[1].reshape(-1)]
+        if not node.attrs.get("allowzero", 0):
+            shape = [x.shape[i] if d == 0 and i < x.ndim else d for i, d in enumerate(shape)]
+        try:
+            return x.reshape(shape)
+        except ValueError:
+            return None
+    axes = vals[1] if len(vals) > 1 else node.attrs.get("axes")
+    if node.op == "Squeeze":
+        return np.squeeze(x, axis=None if axes is None else tuple(int(a) for a in np.asarray(axes).reshape(-1)))
+    if axes is None:
+        return None
+    axes = sorted(int(a) % (x.ndim + len(np.asarray(axes).reshape(-1))) for a in np.asarray(axes).reshape(-1))
+    for a in axes:
+        x = np.expand_dims(x, a)
+    return x
 
 
 def _first_convs(graph: Graph, a: ChannelAnalysis) -> set[str]:

@@ -4,7 +4,8 @@ Given the channel analysis and the ids to remove, every tensor that carries ids 
 and every node touching such a tensor is edited: producers lose output filters (and biases),
 BN/InstanceNorm lose their per-channel parameters, per-channel constants of element-wise ops are
 sliced, depthwise convs shrink their group count, Split/Slice/Reshape parameters are recomputed,
-and consumers (Conv, Gemm, MatMul) lose the matching input channels or FC input blocks.
+and consumers (Conv, Gemm, MatMul) lose the matching input channels or FC input blocks. A Pad
+of the channel axis pads as many fewer channels as it loses padded ones.
 
 Removed channels are not simply dropped from consumers: their contribution is replaced by its
 mean over the calibration data (``compensate``). For a channel whose activation is a constant
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim_cnn.analysis.channels import ChannelAnalysis, ChannelInfo
+from onnxslim_cnn.analysis.channels import ChannelAnalysis, ChannelInfo, channel_pads
 from onnxslim_cnn.graph import Graph
 from onnxslim_cnn.graph import constant_value as _const, node_label as _label  # shared helpers
 
@@ -44,8 +45,11 @@ class Rewriter:
         self.refit_inputs: dict[str, np.ndarray] = {}
         self.ridge = 1e-3
         self.keep: dict[str, np.ndarray] = {}
+        # a unit goes as a whole class: its producers' ids and the ids of channels nobody
+        # produces that it was coupled with (a Pad's zero channels)
+        removed_roots = np.unique(analysis.root(self.removed)) if self.removed.size else self.removed
         for name, ci in analysis.info.items():
-            mask = ~np.isin(ci.ids, self.removed)
+            mask = ~np.isin(analysis.root(ci.ids), removed_roots)
             if not mask.all():
                 self.keep[name] = mask
 
@@ -92,6 +96,8 @@ class Rewriter:
                 cut(node, m, self.a.info[node.inputs[0].name])
             elif op == "Reshape":
                 self._reshape(node)
+            elif op == "Pad":
+                self._pad(node)
         return plan
 
     # ---------------------------------------------------------------------------------------
@@ -306,6 +312,23 @@ class Rewriter:
                 new_s[k], new_e[k] = int(m[:s].sum()), int(m[:e].sum())
         node.inputs[1] = self.graph.add_constant(f"{_label(node)}.starts", new_s)
         node.inputs[2] = self.graph.add_constant(f"{_label(node)}.ends", new_e)
+
+    def _pad(self, node: gs.Node) -> None:
+        """Pad of the channel axis whose padded channels lose some: pad that many fewer."""
+        m = self.mask(node.outputs[0])
+        ci = self.a.info.get(node.outputs[0].name)
+        if m is None or ci is None:
+            return
+        pads, lo_i, hi_i = channel_pads(node, ci.axis)
+        if lo_i < 0:
+            return
+        lo, hi = int(pads[lo_i]), int(pads[hi_i])
+        new = pads.copy()
+        new[lo_i], new[hi_i] = int(m[:lo].sum()), int(m[len(m) - hi:].sum()) if hi else 0
+        if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].name:
+            node.inputs[1] = self.graph.add_constant(f"{_label(node)}.pads", new)
+        else:
+            node.attrs["pads"] = [int(v) for v in new]
 
     def _reshape(self, node: gs.Node) -> None:
         out = node.outputs[0]

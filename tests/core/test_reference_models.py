@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from onnxslim_cnn.models import reference as ref
 
-NAMES = ["vgg16", "alexnet", "resnet18", "resnet50", "mobilenetv2", "squeezenet11", "senet_small"]
+NAMES = ["vgg16", "alexnet", "resnet18", "resnet50", "mobilenetv2", "squeezenet11", "senet_small", "resnet20_cifar"]
 SMALL = dict(width=0.25, num_classes=10)
 
 
@@ -57,7 +57,10 @@ def test_small_model_checks_and_runs(small_models, name, size):
     assert in_dims == ["N", 3, size, size] and out_dims == ["N", 10]
     ops = {n.op_type for n in model.graph.node}
     assert not ops & {"Constant", "Dropout"}
-    assert all(t.data_type == onnx.TensorProto.FLOAT for t in model.graph.initializer)
+    int64_users = {"Slice", "Pad"}  # resnet20_cifar's option-A shortcut: index inputs, not weights
+    index_inputs = {i for n in model.graph.node if n.op_type in int64_users for i in n.input[1:]}
+    assert all(t.data_type == onnx.TensorProto.FLOAT or t.data_type == onnx.TensorProto.INT64 and t.name in index_inputs
+               for t in model.graph.initializer)
 
     x = np.random.default_rng(123).standard_normal((2, 3, size, size)).astype(np.float32)
     y = _run(model, x)
@@ -91,7 +94,7 @@ def test_torchvision_param_counts_analytic():
         "vgg16": 138_365_992, "alexnet": 61_100_840, "resnet18": 11_689_512,
         "resnet50": 25_557_032, "mobilenetv2": 3_504_872, "squeezenet11": 1_235_496,
         "senet_small": 2_542_856}
-    for n in NAMES:
+    for n in ref.TORCHVISION_PARAM_COUNTS:
         assert ref.expected_param_count(n) == ref.TORCHVISION_PARAM_COUNTS[n], n
     # Independent closed forms for the two nets too big to build here.
     cfg = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
@@ -201,3 +204,20 @@ def test_cli_writes_model(tmp_path, capsys):
     onnx.checker.check_model(model, full_check=True)
     expected = ref.build_squeezenet11(width=0.25, input_size=32, num_classes=7, seed=3)
     assert model.SerializeToString() == expected.SerializeToString()
+
+
+def test_resnet20_cifar_option_a_shortcut():
+    """He et al.'s CIFAR ResNet-20: 269,722 parameters at width 1 with 10 classes (conv 3x3 stem,
+    3 x 3 basic blocks of 16/32/64 channels, FC); the two downsampling shortcuts are parameter-free
+    Slice(::2 on H, W) -> Pad(channel axis) as torch exports them."""
+    assert ref.expected_param_count("resnet20_cifar", input_size=32, num_classes=10) == 269_722
+    model = ref.build("resnet20_cifar", input_size=32, num_classes=10)
+    assert ref.count_parameters(model) == 269_722
+    inits = _inits(model)
+    pads = {n.name: inits[n.input[1]].tolist() for n in model.graph.node if n.op_type == "Pad"}
+    assert pads == {"layer2.0.shortcut.pad": [0, 8, 0, 0, 0, 8, 0, 0], "layer3.0.shortcut.pad": [0, 16, 0, 0, 0, 16, 0, 0]}
+    slices = [n for n in model.graph.node if n.op_type == "Slice"]
+    assert [inits[n.input[3]].tolist() for n in slices] == [[2, 3]] * 2
+    assert [inits[n.input[4]].tolist() for n in slices] == [[2, 2]] * 2
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    assert _run(model, x).shape == (2, 10)
