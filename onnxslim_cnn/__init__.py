@@ -13,17 +13,35 @@ keyword arguments ``slim__fuse_pad=False`` (pass name, two underscores, option n
 
 from __future__ import annotations
 
-from typing import Any
-
-import onnx
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
-from .graph import Graph
-from .model_io import load_model, save_model
-from .context import PassContext
-from .pass_infra import GraphPass, ModelPass, Pass, PassResult, available_passes, get_pass, register_pass
-from .pipeline import run_pipeline
-from .report import Report
+
+if TYPE_CHECKING:
+    import onnx
+
+    from .context import PassContext
+    from .graph import Graph
+    from .pass_infra import GraphPass, ModelPass, Pass, PassResult, available_passes, get_pass, register_pass
+    from .report import Report
+
+# The public names, imported on first use (PEP 562): `import onnxslim_cnn` and the command line
+# start without onnx, ONNX Runtime and onnx-graphsurgeon (~0.7 s), so the CLI can take Ctrl-C
+# cleanly from its first moments (see cli._interrupt_promptly).
+_LAZY = {
+    "Graph": "graph", "PassContext": "context", "Report": "report", "run_pipeline": "pipeline",
+    **{name: "pass_infra" for name in ("GraphPass", "ModelPass", "Pass", "PassResult", "available_passes",
+                                       "get_pass", "register_pass")},
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __version__ = "0.1.0"
 
@@ -35,11 +53,15 @@ __all__ = [
 
 def load(source: "str | onnx.ModelProto") -> onnx.ModelProto:
     """Read and check a model (path or ModelProto). Raises ``UserError`` on bad input."""
+    from .model_io import load_model
+
     return load_model(source)
 
 
 def save(model: onnx.ModelProto, path: str) -> None:
     """Write atomically (temp file + rename); external data for models over ~1.8 GB."""
+    from .model_io import save_model
+
     save_model(model, path)
 
 
@@ -64,6 +86,8 @@ def compress(model: "str | onnx.ModelProto", passes: "list[str | Pass] | None" =
             raise UserError(f"unknown argument '{key}' (pass options are written PASS__OPTION, e.g. slim__cse=False)")
         pass_name, opt = key.split("__", 1)
         merged.setdefault(pass_name, {})[opt] = value
+    from .pipeline import run_pipeline
+
     result = run_pipeline(model, passes, options=merged, calib=calib, input_shapes=input_shapes,
                           seed=seed, fidelity=fidelity, bench=bench, preprocess=preprocess, heldout=heldout)
     return result.model, result.report

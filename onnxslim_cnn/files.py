@@ -6,6 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from . import workdir
 from .errors import UserError
 
 
@@ -27,8 +28,10 @@ def write_atomic_many(files: "dict[str | os.PathLike, bytes]") -> None:
             folder = path.parent if str(path.parent) else Path(".")
             try:
                 folder.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".onnxslim-{path.name}.", suffix=".part")
+                workdir.sweep(folder, staged=True)
+                fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".onnxslim-{path.name}.{os.getpid()}.", suffix=".part")
                 staged.append((tmp, path))
+                workdir.track(tmp)
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
                     f.flush()
@@ -43,9 +46,11 @@ def write_atomic_many(files: "dict[str | os.PathLike, bytes]") -> None:
                 os.replace(tmp, path)
             except OSError as exc:
                 raise write_error(path, exc) from None
+            workdir.untrack(tmp)
     except BaseException:
         for tmp, _ in staged:
             Path(tmp).unlink(missing_ok=True)
+            workdir.untrack(tmp)
         raise
 
 

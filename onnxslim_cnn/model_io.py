@@ -88,13 +88,16 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike") -> list[Path]:
     Models over ~1.8 GB get their weights in ``<name>.data`` next to the file. Returns the
     paths written. Nothing is left behind if writing fails.
     """
+    from . import workdir
     from .files import write_error
 
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp_dir = tempfile.mkdtemp(prefix=".onnxslim-", dir=folder)
+        workdir.sweep(folder, staged=True)
+        tmp_dir = tempfile.mkdtemp(prefix=f".onnxslim-{os.getpid()}-", dir=folder)
+        workdir.track(tmp_dir)
     except OSError as exc:
         raise write_error(path, exc) from None
     large = needs_external_data(model)
@@ -122,6 +125,7 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike") -> list[Path]:
         for leftover in Path(tmp_dir).glob("*"):
             leftover.unlink()
         os.rmdir(tmp_dir)
+        workdir.untrack(tmp_dir)
 
 
 def needs_external_data(model: onnx.ModelProto) -> bool:

@@ -9,6 +9,7 @@ an invalid model is reported as such and the model before it is kept.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any, Callable
 import onnx
 
 from .analysis.calibration import DEFAULT_HELDOUT, check_heldout
+from . import workdir
 from .analysis.cost import model_stats
 from .analysis.fidelity import fidelity as measure_fidelity
 from .analysis.fidelity import latency as measure_latency
@@ -53,6 +55,17 @@ def validate(model: onnx.ModelProto) -> "tuple[str | None, object]":
         return f"onnxruntime load: {str(exc).strip().splitlines()[0]}", None
 
 
+def _in_run_folder(fn):
+    """Run ``fn`` inside this run's temporary folder (``workdir.run_folder``): every temp file
+    of the passes and of ORT's tools lands there and goes with it."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with workdir.run_folder():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_in_run_folder
 def run_pipeline(source: "str | onnx.ModelProto", passes: "list[str | Pass] | None" = None, *,
                  options: "dict[str, dict] | None" = None, calib: Any = None,
                  input_shapes: "dict[str, tuple] | None" = None, seed: int = 0,
