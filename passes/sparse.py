@@ -8,7 +8,9 @@ ORT), otherwise, or without the library, the bench's medians (EXPECTED_SPEEDUP) 
 ``store=true``, keeps its weight sparse in the file so the file shrinks too: an ONNX Constant
 node with a ``sparse_value`` (COO), which ONNX Runtime densifies at load, so the model stays
 standard ONNX (why not a graph ``sparse_initializer``: see onnxslim_cnn/sparse_storage.py).
-The graph's computation is unchanged.
+The graph's computation is unchanged. ``Constant(sparse_value)`` exists from opset 11: a model
+below it that gets a weight stored sparse is first converted to opset 11 (onnx.version_converter,
+as q8 does for 13); a model the converter cannot take keeps its weights dense, and says why.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import dataclasses
 import functools
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from onnxslim_cnn.runtime import DEFAULT_MIN_SPARSITY
 
@@ -154,6 +157,14 @@ def _conv_cost_function():
     return fn
 
 
+SPARSE_VALUE_OPSET = 11  # Constant's sparse_value attribute
+SPARSE_VALUE_IR = 6  # the IR version that goes with opset 11
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), 0)
+
+
 @register_pass
 class SparsePass(GraphPass):
     name = "sparse"
@@ -161,7 +172,32 @@ class SparsePass(GraphPass):
                "execution provider would take (sparsity, expected speedup) and store those weights sparse "
                "(Constant sparse_value, COO) so the file shrinks. Run after sparsify.")
     Options = SparseOptions
-    modifies = frozenset({"graph"})
+    modifies = frozenset({"graph", "opset"})  # opset: raised to 11 for Constant(sparse_value)
+
+    def transform(self, model: onnx.ModelProto, ctx: PassContext) -> "tuple[onnx.ModelProto, PassResult]":
+        """GraphPass.transform, with the opset raised to SPARSE_VALUE_OPSET first when the pass
+        stores a weight sparse in a model below it (the pass runs again on the converted model:
+        it only counts zeros)."""
+        out, result = super().transform(model, ctx)
+        opset = _default_opset(model)
+        if not result.changed or opset >= SPARSE_VALUE_OPSET:
+            return out, result
+        from onnx import version_converter
+
+        try:
+            upgraded = version_converter.convert_version(model, SPARSE_VALUE_OPSET)
+            upgraded.ir_version = max(upgraded.ir_version, SPARSE_VALUE_IR)
+        except Exception as exc:  # noqa: BLE001 - the converter's failures are of every kind
+            # store nothing: the report still lists every layer the EP would take
+            dense = type(self)({**dataclasses.asdict(self.options), "store": False})
+            out, result = GraphPass.transform(dense, model, ctx)
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            result.skip("store", f"Constant(sparse_value) needs opset {SPARSE_VALUE_OPSET}; cannot convert "
+                                 f"opset {opset}: {why}")
+            return out, result
+        out, result = super().transform(upgraded, ctx)
+        result.stats["opset_upgraded"] = f"{opset}->{SPARSE_VALUE_OPSET}"
+        return out, result
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options

@@ -188,3 +188,56 @@ def test_sparse_pass_agrees_with_the_eps_conv_claims(sparsity):
         assert result.stats["expected"][0]["expected_speedup"] > 1.0
     else:
         assert "conv cost model expects" in result.skipped[0]["reason"]
+
+
+def _resnet18_opset10():
+    """ResNet-18 as an opset-10 export (IR 5): every op the builder writes is valid there."""
+    from onnxslim_cnn.models import reference
+
+    model = reference.build("resnet18", width=0.25, input_size=32, num_classes=10)
+    model.opset_import[0].version = 10
+    model.ir_version = 5
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_sparse_pass_raises_opset_10_to_11_for_sparse_value():
+    """Constant(sparse_value) is opset 11: the pass used to be reverted on an opset-10 model
+    ("Unrecognized attribute: sparse_value for operator Constant"); it now converts the model."""
+    calib = {"input": np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)}
+    pruned, _ = onnxslim_cnn.compress(_resnet18_opset10(), passes=["sparsify"], calib=calib, sparsify__ratio=0.9,
+                                      fidelity=False)
+    assert pruned.opset_import[0].version == 10
+    out, report = onnxslim_cnn.compress(pruned, passes=["sparse"], calib=calib)
+    rec = report.passes[0]
+    assert rec.status == "ok", rec.status
+    assert rec.stats["opset_upgraded"] == "10->11" and rec.stats["bytes_saved"] > 0
+    assert [(o.domain, o.version) for o in out.opset_import] == [("", 11)] and out.ir_version >= 6
+    assert any(n.op_type == "Constant" and n.attribute[0].name == "sparse_value" for n in out.graph.node)
+    onnx.checker.check_model(out, full_check=True)
+    assert len(out.SerializeToString()) < len(pruned.SerializeToString())
+    np.testing.assert_allclose(run(out, {"input": calib["input"]})[0], run(pruned, {"input": calib["input"]})[0],
+                               rtol=1e-5, atol=1e-6)
+    assert SparsePass.modifies == frozenset({"graph", "opset"})
+    # nothing to store (store=false): the opset stays, nothing changes
+    same, report = onnxslim_cnn.compress(pruned, passes=["sparse"], calib=calib, sparse__store=False, fidelity=False)
+    assert same.opset_import[0].version == 10 and "opset_upgraded" not in report.passes[0].stats
+
+
+def test_sparse_pass_keeps_weights_dense_when_the_opset_cannot_be_converted(monkeypatch):
+    from onnx import version_converter
+
+    def refuse(model, version):
+        raise RuntimeError("No Adapter From Version $10 for SomeOp")
+
+    monkeypatch.setattr(version_converter, "convert_version", refuse)
+    calib = {"input": np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)}
+    pruned, _ = onnxslim_cnn.compress(_resnet18_opset10(), passes=["sparsify"], calib=calib, sparsify__ratio=0.9,
+                                      fidelity=False)
+    out, report = onnxslim_cnn.compress(pruned, passes=["sparse"], calib=calib, fidelity=False)
+    rec = report.passes[0]
+    assert rec.status == "ok" and out.opset_import[0].version == 10
+    assert not any(n.op_type == "Constant" for n in out.graph.node)
+    assert rec.stats["layers"] >= 1  # the report still lists what the EP would take
+    (skip,) = [s for s in rec.skipped if s["item"] == "store"]
+    assert skip["reason"] == "Constant(sparse_value) needs opset 11; cannot convert opset 10: No Adapter From Version $10 for SomeOp"
