@@ -287,8 +287,6 @@ def _resample(name: str) -> int:
 
 def to_array(img: "Any", spec: Preprocess, t: Target) -> np.ndarray:
     """One decoded PIL image -> one sample (C,H,W or H,W,C) of ``t.dtype``."""
-    from PIL import Image
-
     img = img.convert("L" if t.channels == 1 else "RGB")
     h, w, rs = t.height, t.width, _resample(spec.resample)
     bands = 1 if t.channels == 1 else 3
