@@ -12,7 +12,7 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -20,12 +20,23 @@ from .errors import UserError
 
 
 def option(default: Any, help: str, *, choices: "tuple | None" = None,
-           min: "float | None" = None, max: "float | None" = None) -> Any:
-    """A documented dataclass field; ``choices``/``min``/``max`` are checked on every value."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max}
+           min: "float | None" = None, max: "float | None" = None,
+           calibration_when: "Callable[[Any], bool] | None" = None) -> Any:
+    """A documented dataclass field; ``choices``/``min``/``max`` are checked on every value.
+
+    ``calibration_when(value)`` says whether this value makes the pass read calibration data
+    (``bool`` for a switch): the knowledge sits with the option it belongs to, and
+    ``Pass.needs_calibration`` asks every option (:func:`needs_calibration`)."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "calibration_when": calibration_when}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def needs_calibration(options: Any) -> bool:
+    """Whether any option value of ``options`` (a pass's options dataclass) reads calibration data."""
+    return any(f.metadata["calibration_when"](getattr(options, f.name)) for f in dataclasses.fields(options)
+               if f.metadata.get("calibration_when") is not None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,6 +37,7 @@ import onnx
 
 from .errors import UserError
 from .options import NoOptions, make_options
+from .options import needs_calibration as options_need_calibration
 
 if TYPE_CHECKING:
     from .context import PassContext
@@ -89,6 +90,7 @@ class Pass:
     summary: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     modifies: ClassVar[frozenset] = frozenset()
+    always_uses_calibration: ClassVar[bool] = False
     # Its result only approximates the input model (prune, svd, lowrank, sparsify, q8, share,
     # fp16, fpga's fixed-point IR): the pipeline refuses to run it without calibration data
     # unless the user asks for random inputs (--calib random). Exact passes (slim, sparse) need none.
@@ -107,9 +109,9 @@ class Pass:
     @property
     def needs_calibration(self) -> bool:
         """Whether this pass, with its options, reads calibration data (the pipeline then
-        refuses to run without usable inputs). Overridden by passes whose data use depends on
-        their options."""
-        return False
+        refuses to run without usable inputs): always for ``always_uses_calibration`` passes,
+        else when one of its option values does (``option(calibration_when=...)``)."""
+        return self.always_uses_calibration or options_need_calibration(self.options)
 
     def transform(self, model: onnx.ModelProto, ctx: "PassContext") -> "tuple[onnx.ModelProto, PassResult]":
         """Run on ``model`` (never modified); (the new or the same model, result). Not checked

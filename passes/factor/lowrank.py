@@ -49,7 +49,8 @@ class LowrankOptions:
     min_energy: float = option(0.0, "leave a layer alone when the rank keeps less than this energy",
                                min=0.0, max=1.0)
     allow_growth: bool = option(False, "split even when neither storage nor compute falls (full-rank checks)")
-    data_aware: bool = option(False, "refit the last conv by least squares on calibration activations")
+    data_aware: bool = option(False, "refit the last conv by least squares on calibration activations",
+                              calibration_when=bool)
     max_positions: int = option(8192, "calibration output positions sampled per layer (memory bound)", min=16)
     sequential: bool = option(True, "data_aware: fit each layer on the input it gets from the model as "
                                     "rewritten so far, absorbing earlier layers' error (one ORT run per layer)")
@@ -104,10 +105,6 @@ class LowrankPass(GraphPass):
     Options = LowrankOptions
     modifies = frozenset({"graph"})
     lossy = True
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.options.data_aware
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options

@@ -45,11 +45,13 @@ class SvdOptions:
                                    min=0.0, max=1.0)
     max_output_error: "float | None" = option(
         None, "smallest k whose relative output error on calibration data is at most this (per layer; "
-              "protects near-full-rank heads; overrides energy)", min=0.0)
+              "protects near-full-rank heads; overrides energy)", min=0.0,
+              calibration_when=lambda limit: limit is not None)
     energy: float = option(0.9, "smallest k keeping this share of the sum of squared singular values "
                                 "(of the whitened weight when data_aware), in (0, 1]", min=0.0, max=1.0)
     data_aware: bool = option(False, "minimise the layer's output error on calibration inputs instead of the "
-                                     "weight error (whiten by the input covariance, factor, un-whiten)")
+                                     "weight error (whiten by the input covariance, factor, un-whiten)",
+                                     calibration_when=bool)
     ridge: float = option(1e-4, "ridge added to the input covariance, relative to its mean diagonal", min=0.0)
     min_params: int = option(4096, "skip layers whose weight has fewer parameters than this", min=0)
     layers: list[str] = option([], "only these node names (empty: every eligible layer)")
@@ -63,7 +65,7 @@ class SvdOptions:
                                     "it already factorised (one extra ONNX Runtime run per layer) rather than "
                                     "from the original: each layer then fits the inputs it will really see")
     measure_error: bool = option(False, "report each layer's output error on calibration data even when "
-                                        "nothing else needs it (one extra ONNX Runtime run)")
+                                        "nothing else needs it (one extra ONNX Runtime run)", calibration_when=bool)
     allow_growth: bool = option(False, "testing aid: factorise even when k >= mn/(m+n), i.e. the layer grows "
                                        "(up to k = min(m, n), which reproduces the layer exactly)")
 
@@ -113,11 +115,6 @@ class SvdPass(GraphPass):
             raise UserError(f"bad value for svd.energy: {o.energy!r} (must be within (0, 1])")
         if o.ratio is not None and o.ratio <= 0:
             raise UserError(f"bad value for svd.ratio: {o.ratio!r} (must be within (0, 1])")
-
-    @property
-    def needs_calibration(self) -> bool:
-        o = self.options
-        return o.data_aware or o.max_output_error is not None or o.measure_error
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options

@@ -61,11 +61,8 @@ class FpgaPass(ModelPass):
                "SQNR/resource table are the result. `onnxslim fpga IN.onnx OUTDIR` writes IR, C++17, hls4ml YAML.")
     Options = FpgaOptions
     modifies = frozenset()
+    always_uses_calibration = True  # formats come from the activation ranges
     lossy = True
-
-    @property
-    def needs_calibration(self) -> bool:
-        return True
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         from ..q8 import is_quantized

@@ -36,17 +36,19 @@ class PruneOptions:
     criterion: Literal["l1", "l2", "bn_gamma", "activation", "reconstruction"] = option(
         "l1", "importance: filter L1/L2 norm, |gamma| of the following BN (network slimming), "
         "mean |activation| on calibration data, or the consumers' output error after removing the "
-        "channel and refitting by least squares (reconstruction; pairs with reconstruct=true)")
+        "channel and refitting by least squares (reconstruction; pairs with reconstruct=true)",
+        calibration_when=lambda criterion: IMPORTANCE[criterion].needs_calibration)
     scope: Literal["uniform", "global"] = option("uniform", "same ratio per group, or one ranking across groups")
     layer_ratio: dict[str, float] = option({}, "per-layer ratio overrides by producer node name (name:ratio,...)")
     protect: list[str] = option([], "producer node names never pruned (in addition to the defaults)")
     protect_first: bool = option(True, "protect the group of the first conv (fed by a graph input)")
     round_to: int = option(1, "keep channel counts a multiple of this (e.g. 8 for SIMD-friendly shapes)", min=1)
     compensate: bool = option(True, "replace removed channels by their mean activation in consumers' "
-                                    "biases (exact for dead channels); needs calibration data")
+                                    "biases (exact for dead channels); needs calibration data", calibration_when=bool)
     zero_only: bool = option(False, "remove only channels whose filters are entirely zero (exact)")
     reconstruct: bool = option(False, "refit each consumer's remaining weights and bias by ridge least "
-                                      "squares on calibration activations (training-free recovery)")
+                                      "squares on calibration activations (training-free recovery)",
+                                      calibration_when=bool)
     ridge: float = option(1e-3, "ridge term of the refit, relative to the mean Gram diagonal", min=0.0)
     sequential: bool = option(True, "with reconstruct: refit layer by layer on the pruned network's own "
                                     "activations, so each refit also absorbs the error upstream")
@@ -62,11 +64,6 @@ class PrunePass(GraphPass):
     Options = PruneOptions
     modifies = frozenset({"graph"})
     lossy = True
-
-    @property
-    def needs_calibration(self) -> bool:
-        o = self.options
-        return IMPORTANCE[o.criterion].needs_calibration or o.compensate or o.reconstruct
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options

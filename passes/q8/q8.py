@@ -52,7 +52,8 @@ class Q8Options:
     calibration: str = option("minmax", "activation range calibration: ORT's minmax / percentile / entropy, "
                                         "or mse (per-tensor range of least uint8 rounding error)",
                               choices=("minmax", "percentile", "entropy", "mse"))
-    dynamic: bool = option(False, "ORT dynamic quantization (weights int8, activations quantized at run time)")
+    dynamic: bool = option(False, "ORT dynamic quantization (weights int8, activations quantized at run time)",
+                           calibration_when=lambda dynamic: not dynamic)
     exclude: list[str] = option([], "node names kept in float (same as keep_float with names)")
     fold_bn: bool = option(True, "run slim first, folding BatchNormalization into the preceding Conv/Gemm")
     equalize: bool = option(False, "cross-layer equalization of Conv/Gemm pairs through ReLU/pooling "
@@ -278,10 +279,6 @@ class Q8Pass(ModelPass):
     Options = Q8Options
     modifies = frozenset({"graph", "opset"})
     lossy = True
-
-    @property
-    def needs_calibration(self) -> bool:
-        return not self.options.dynamic
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         o = self.options

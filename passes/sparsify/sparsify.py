@@ -47,12 +47,13 @@ class SparsifyOptions:
     skip_depthwise: bool = option(True, "leave depthwise convolutions dense")
     min_params: int = option(256, "leave layers with fewer weights than this dense", min=0)
     refit: bool = option(False, "refit the surviving weights of each layer by ridge least squares on "
-                                "calibration activations (per output channel)")
+                                "calibration activations (per output channel)", calibration_when=bool)
     ridge: float = option(1e-3, "ridge term of the refit, relative to the mean Gram diagonal", min=0.0)
     refit_max_features: int = option(4096, "skip the refit of layers with more inputs per output channel", min=1)
     mode: Literal["ratio", "sensitivity"] = option(
         "ratio", "ratio: the ratio/scope above; sensitivity: per layer, the largest ratio that keeps the "
-                 "outputs within budget when that layer alone is pruned (binary search on calibration data)")
+                 "outputs within budget when that layer alone is pruned (binary search on calibration data)",
+                 calibration_when=lambda mode: mode == "sensitivity")
     budget: float = option(0.05, "sensitivity: relative L2 error of the outputs allowed per layer", min=0.0)
     max_ratio: float = option(0.99, "sensitivity: largest ratio tried", min=0.0, max=1.0)
     search_steps: int = option(8, "sensitivity: binary-search halvings per layer", min=1, max=30)
@@ -76,10 +77,6 @@ class SparsifyPass(GraphPass):
     Options = SparsifyOptions
     modifies = frozenset({"weights"})
     lossy = True
-
-    @property
-    def needs_calibration(self) -> bool:
-        return bool(self.options.refit) or self.options.mode == "sensitivity"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
