@@ -46,6 +46,12 @@ class PassContext:
         self.cache: dict[str, Any] = {}
         self.original_session = None  # set by the pipeline, which has loaded the model already
 
+    @property
+    def calibration_given(self) -> bool:
+        """Whether calibration data was asked for (a file, a folder, arrays, or ``random``
+        explicitly), rather than left to the generator by default."""
+        return self._calib_arg is not None
+
     def _load(self) -> "calib_mod.Split":
         if self._split is None:
             c = self._calib_arg

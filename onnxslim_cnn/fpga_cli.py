@@ -23,7 +23,9 @@ def main(argv: "list[str]") -> int:
                 "model.cpp/model.h/model_main.cpp, hls4ml_config.yaml and resources.json into OUTDIR.")
     p.add_argument("input", help="input ONNX model (never modified)")
     p.add_argument("outdir", help="output folder (created; the files in it are replaced atomically)")
-    p.add_argument("--calib", help=".npz with one array per model input (axis 0 = samples); formats come from it")
+    p.add_argument("--calib", help=".npz (one array per model input, axis 0 = samples), a folder of images with "
+                   "--preprocess, or 'random' (unverified formats); the fixed-point formats come from it")
+    p.add_argument("--preprocess", help="for an image folder: PRESET[,key=value,...] (see onnxslim --help)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="fpga.OPTION=VALUE")
     p.add_argument("--input-shape", dest="input_shapes", action="append", default=[], metavar="NAME=D0,D1,...")
     p.add_argument("--seed", type=int, default=0)
@@ -39,7 +41,8 @@ def main(argv: "list[str]") -> int:
                   folders=(out,))
     options = sets.get("fpga", {})
     lowering = lower_model(args.input, calib=args.calib, options=options,
-                           input_shapes=parse_input_shapes(args.input_shapes), seed=args.seed)
+                           input_shapes=parse_input_shapes(args.input_shapes), seed=args.seed,
+                           preprocess=args.preprocess, require_calibration=True)
     reuse = FpgaPass(options).options.reuse_factor
     files = output_files(lowering, reuse)
     assert set(files) <= set(OUTPUT_NAMES), sorted(files)

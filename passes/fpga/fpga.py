@@ -87,6 +87,9 @@ class FpgaPass(ModelPass):
         else:
             folded, _ = SlimPass().apply(model)
         check_supported(folded)
+        if getattr(self, "require_calibration", False) and not ctx.calibration_given:
+            raise UserError("onnxslim fpga needs calibration data for its number formats: --calib FILE.npz or "
+                            "--calib IMAGE_DIR --preprocess PRESET (or --calib random to accept unverified formats)")
         acts = ctx.activations(folded, activation_names(folded))
         unknown = sorted(set(cfg.layer_bits) - {n.name for n in folded.graph.node})
         if unknown:
@@ -101,14 +104,19 @@ class FpgaPass(ModelPass):
         return result
 
 
-def lower_model(model, *, calib=None, options: "dict | None" = None, input_shapes=None, seed: int = 0) -> FpgaLowering:
-    """API: run the fpga pass on a model (path or ModelProto) and return its lowering."""
+def lower_model(model, *, calib=None, options: "dict | None" = None, input_shapes=None, seed: int = 0,
+                preprocess=None, require_calibration: bool = False) -> FpgaLowering:
+    """API: run the fpga pass on a model (path or ModelProto) and return its lowering. ``calib``
+    as for ``compress`` (an .npz, an image folder with ``preprocess``, arrays, or "random");
+    ``require_calibration``: refuse the default generator, as ``onnxslim fpga`` does (formats
+    chosen from the ranges of noise are wrong for real inputs)."""
     from onnxslim_cnn.model_io import load_model
-    from onnxslim_cnn.pipeline import PassContext
 
     original = load_model(model)
-    ctx = PassContext(original, calib=calib, input_shapes=input_shapes, seed=seed)
-    result = FpgaPass(options).run(original, ctx)
+    ctx = PassContext(original, calib=calib, input_shapes=input_shapes, seed=seed, preprocess=preprocess)
+    fpga = FpgaPass(options)
+    fpga.require_calibration = require_calibration
+    result = fpga.run(original, ctx)
     lowering = result.artifacts["fpga"]
     lowering.warnings = list(ctx.warnings)
     return lowering

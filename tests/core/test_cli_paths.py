@@ -133,7 +133,8 @@ def test_fpga_write_failure_leaves_no_part_of_the_set(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(os, "fsync", third_fails)
     out = tmp_path / "out"
-    _bad(["fpga", digits.fixture_path("digits_resnet"), out, "-q", "--set", "fpga.bits=8"], capsys,
+    _bad(["fpga", digits.fixture_path("digits_resnet"), out, "-q", "--set", "fpga.bits=8", "--calib", "random"],
+         capsys,
          "No space left on device")
     assert not out.exists() or sorted(p.name for p in out.iterdir()) == []
 

@@ -200,7 +200,12 @@ def test_cli_unsupported_model_writes_nothing(tmp_path, capsys):
     assert "unknown option 'fpga.bitz'" in capsys.readouterr().err
 
 
-def test_cli_warns_without_calibration(tmp_path, capsys):
-    assert main(["fpga", str(digits.fixture_path("digits_resnet")), str(tmp_path / "o"), "-q"]) == 0
-    err = capsys.readouterr().err
-    assert "warning: no --calib given" in err
+def test_cli_refuses_to_run_without_calibration(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["fpga", str(digits.fixture_path("digits_resnet")), str(out), "-q"]) == 2
+    assert capsys.readouterr().err == (
+        "onnxslim: error: onnxslim fpga needs calibration data for its number formats: --calib FILE.npz or "
+        "--calib IMAGE_DIR --preprocess PRESET (or --calib random to accept unverified formats)\n")
+    assert not out.exists()
+    assert main(["fpga", str(digits.fixture_path("digits_resnet")), str(out), "-q", "--calib", "random"]) == 0
+    assert "warning: --calib random" in capsys.readouterr().err
