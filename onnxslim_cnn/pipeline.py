@@ -19,7 +19,7 @@ import onnx
 
 from .analysis.calibration import DEFAULT_HELDOUT, check_heldout
 from . import workdir
-from .analysis.cost import model_stats
+from .analysis.cost import model_stats, sample_feeds
 from .analysis.fidelity import fidelity as measure_fidelity
 from .analysis.fidelity import latency as measure_latency
 from .analysis.fidelity import reference_outputs
@@ -107,7 +107,8 @@ def run_pipeline(source: "str | onnx.ModelProto", passes: "list[str | Pass] | No
         fidelity = bench = False
         ctx.warnings.append(f"{exc}; MACs, fidelity and latency not measured")
     cost_shapes = calibration.cost_shapes() if calibration else None
-    report = Report(input=model_stats(original, cost_shapes),
+    cost_feeds = sample_feeds(calibration.inputs, cost_shapes) if calibration else None  # shapes static inference lacks
+    report = Report(input=model_stats(original, cost_shapes, cost_feeds),
                     calibration=calibration.source if calibration else None)
 
     current, session = original, original_session
@@ -139,7 +140,7 @@ def run_pipeline(source: "str | onnx.ModelProto", passes: "list[str | Pass] | No
                                                     nodes_after=len(current.graph.node)))
     if progress:
         progress(total, total, "measure")
-    report.output = model_stats(current, cost_shapes)
+    report.output = model_stats(current, cost_shapes, cost_feeds)
     if fidelity:
         # On the held-out samples, which no pass has fitted on; the report says which data it was.
         held = ctx.heldout

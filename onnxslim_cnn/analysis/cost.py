@@ -1,7 +1,11 @@
 """Model cost: parameters, file size, MACs of Conv/ConvTranspose/Gemm/MatMul, node counts.
 
 MACs need concrete shapes: the caller gives one concrete shape per graph input (usually the
-calibration batch cut to one sample) and shapes are inferred on a copy with those inputs.
+calibration batch cut to one sample) and shapes are inferred on a copy with those inputs. Where
+static inference gives up (a Reshape whose target is computed from Shape -> Gather -> Mul, as
+in ddddocr's LSTM head, beyond ONNX's data propagation), the caller's ``feeds`` (those
+calibration samples) are run once through ONNX Runtime with the missing tensors as extra
+outputs, and their real shapes are used: only then, and only for those tensors.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import onnx
 from onnx import TensorProto
 
 from ..model_io import inferred, model_bytes, skeleton, with_static_inputs
+from ..sessions import make_session
 
 # Element types that hold learned weights. Integer shape/axes tensors (int32/int64) are not
 # parameters; int8/uint8/int4 are (quantized weights).
@@ -76,10 +81,13 @@ def _node_keys(model: onnx.ModelProto) -> list[str]:
     return keys
 
 
-def node_macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, int], list[str]]:
+def node_macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
+              feeds: "dict[str, np.ndarray] | None" = None) -> tuple[dict[str, int], list[str]]:
     """MACs per Conv/ConvTranspose/Gemm/MatMul node (keyed by node name or output name).
 
-    Returns (macs, unknown) where ``unknown`` lists the nodes whose shapes could not be inferred.
+    Returns (macs, unknown) where ``unknown`` lists the nodes whose shapes could not be known.
+    ``feeds`` (inputs of the shapes ``input_shapes``): where static inference leaves a node's
+    shapes unknown, they are read from one ONNX Runtime run on these.
     """
     static = inferred(with_static_inputs(skeleton(model), input_shapes))
     shapes: dict[str, tuple] = {}
@@ -94,17 +102,69 @@ def node_macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) 
             for a in node.attribute:
                 if a.name == "value":
                     shapes[node.output[0]] = tuple(a.t.dims)
+    mac_nodes = [(node, key) for node, key in zip(static.graph.node, _node_keys(static))
+                 if node.op_type in MAC_OPS and node.domain in ("", "ai.onnx")]
+    missing = sorted({name for node, _ in mac_nodes if _macs_of(node, shapes) is None
+                      for name in _shape_inputs(node) if name and name not in shapes})
+    if missing and feeds is not None:
+        shapes.update(runtime_shapes(model, missing, feeds))
     macs: dict[str, int] = {}
     unknown: list[str] = []
-    for node, key in zip(static.graph.node, _node_keys(static)):
-        if node.op_type not in MAC_OPS or node.domain not in ("", "ai.onnx"):
-            continue
+    for node, key in mac_nodes:
         value = _macs_of(node, shapes)
         if value is None:
             unknown.append(key)
         else:
             macs[key] = value
     return macs, unknown
+
+
+def _shape_inputs(node: onnx.NodeProto) -> list[str]:
+    """The tensors whose shapes ``_macs_of`` reads for ``node``."""
+    if node.op_type == "Conv":
+        return [node.input[1], node.output[0]]
+    if node.op_type == "ConvTranspose":
+        return [node.input[0], node.input[1]]
+    return [node.input[0], node.output[0]]  # Gemm, MatMul
+
+
+def runtime_shapes(model: onnx.ModelProto, names: list[str], feeds: dict[str, np.ndarray]) -> dict[str, tuple]:
+    """Shapes of the tensors ``names`` in one ONNX Runtime run of ``model`` on ``feeds`` (exposed
+    as extra graph outputs, graph optimizations off so that none is fused away); {} when the
+    run fails: MACs that cannot be counted are reported as unknown, never a reason to stop."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    have = {o.name for o in exposed.graph.output}
+    inputs = {i.name for i in exposed.graph.input}
+    wanted = [n for n in names if n not in inputs]
+    out = {n: tuple(feeds[n].shape) for n in names if n in inputs and n in feeds}
+    for n in wanted:
+        if n not in have:
+            exposed.graph.output.add().name = n  # ORT accepts an output declared by name only
+    try:
+        session = make_session(exposed, optimize=False)
+        feed = {i.name: feeds[i.name] for i in session.get_inputs() if i.name in feeds}
+        values = session.run(wanted, feed) if wanted else []
+    except Exception:  # noqa: BLE001 - the report says which MACs are unknown instead
+        return out
+    out.update({n: tuple(np.shape(v)) for n, v in zip(wanted, values)})
+    return out
+
+
+def sample_feeds(inputs: dict[str, np.ndarray], shapes: "dict[str, tuple[int, ...]] | None") -> "dict[str, np.ndarray] | None":
+    """The calibration samples of the MAC count's shapes (the first ``shapes[k][0]`` of each)."""
+    if shapes is None:
+        return None
+    out = {}
+    for k, shape in shapes.items():
+        v = inputs.get(k)
+        if v is None:
+            return None
+        v = v[:shape[0]] if v.ndim and len(shape) == v.ndim else v
+        if tuple(v.shape) != tuple(shape):
+            return None
+        out[k] = v
+    return out
 
 
 def _macs_of(node: onnx.NodeProto, shapes: dict[str, tuple]) -> "int | None":
@@ -136,9 +196,12 @@ def _macs_of(node: onnx.NodeProto, shapes: dict[str, tuple]) -> "int | None":
     return None
 
 
-def model_stats(model: onnx.ModelProto, input_shapes: "dict[str, tuple[int, ...]] | None") -> ModelStats:
+def model_stats(model: onnx.ModelProto, input_shapes: "dict[str, tuple[int, ...]] | None",
+                feeds: "dict[str, np.ndarray] | None" = None) -> ModelStats:
+    """Parameters, size, MACs (at ``input_shapes``; ``feeds`` of those shapes fill in what static
+    shape inference cannot, see ``node_macs``), node and op counts."""
     ops = Counter(n.op_type for n in model.graph.node)
-    macs, unknown = node_macs(model, input_shapes) if input_shapes is not None else ({}, [])
+    macs, unknown = node_macs(model, input_shapes, feeds) if input_shapes is not None else ({}, [])
     by_op: Counter = Counter()
     op_of = {key: n.op_type for n, key in zip(model.graph.node, _node_keys(model))}
     for key, value in macs.items():
