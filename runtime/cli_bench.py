@@ -25,12 +25,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from onnxslim_cnn.runtime import DEFAULT_MIN_SPARSITY
+
     p = _Parser(prog=PROG, description="Measure ONNX Runtime CPU latency of a model (median of alternating runs).")
     p.add_argument("input", help="ONNX model (never modified)")
     p.add_argument("--sparse-ep", action="store_true",
                    help="also run it with the sparse execution provider and compare")
     p.add_argument("--min-sparsity", type=float, default=None,
-                   help="share of zeros from which the sparse EP takes a layer (default: runtime.DEFAULT_MIN_SPARSITY)")
+                   help=f"share of zeros from which the sparse EP takes a layer (default {DEFAULT_MIN_SPARSITY})")
     p.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (default 1)")
     p.add_argument("--batch", type=int, default=1, help="samples per run for a dynamic batch axis (default 1)")
     p.add_argument("--input-shape", dest="input_shapes", action="append", default=[], metavar="NAME=D0,D1,...",

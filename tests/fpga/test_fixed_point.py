@@ -166,3 +166,17 @@ def test_too_wide_accumulator_names_the_layer():
 
     msg = user_error(lower_model, _ops_model(), calib={"x": x}, options={"bits": 32})
     assert msg.startswith("fpga: cannot lower node 'conv1' (Conv): accumulator needs"), msg
+
+
+def test_package_namespace_keeps_the_simulator_module():
+    """``fixed_point.simulate`` is the module (it was the function, which hid the module:
+    ``simulate.quantize_inputs`` raised AttributeError); the function is ``simulate_model``."""
+    import inspect
+
+    import onnxslim_cnn.fixed_point as fp
+    from onnxslim_cnn.fixed_point import simulate as sim_module
+
+    assert inspect.ismodule(fp.simulate) and fp.simulate is sim_module
+    assert fp.simulate.quantize_inputs is fp.quantize_inputs and fp.simulate.requantize is requantize
+    assert fp.simulate_model is fp.simulate.simulate is simulate and fp.run_float is run_float
+    assert inspect.ismodule(fp.ir) and set(fp.__all__) <= set(dir(fp))

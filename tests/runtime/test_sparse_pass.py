@@ -241,3 +241,11 @@ def test_sparse_pass_keeps_weights_dense_when_the_opset_cannot_be_converted(monk
     assert rec.stats["layers"] >= 1  # the report still lists what the EP would take
     (skip,) = [s for s in rec.skipped if s["item"] == "store"]
     assert skip["reason"] == "Constant(sparse_value) needs opset 11; cannot convert opset 10: No Adapter From Version $10 for SomeOp"
+
+
+def test_cli_bench_help_prints_the_default_min_sparsity(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default {runtime.DEFAULT_MIN_SPARSITY})" in text and "DEFAULT_MIN_SPARSITY" not in text
