@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -30,6 +31,9 @@ _RUN_NAME = re.compile(r"^onnxslim-cnn-run\.(\d+)\.")
 _STAGED_NAME = re.compile(r"^\.onnxslim-(?:.+\.(\d+)\.[^.]+\.part|(\d+)-.+)$")
 
 _current: "str | None" = None  # this process's run folder while a run is on
+_previous: "str | None" = None  # tempfile.tempdir before it
+_users = 0  # runs using _current
+_lock = threading.Lock()
 _staged: set[str] = set()  # staged output paths of this process not yet renamed or removed
 
 
@@ -76,21 +80,26 @@ def sweep(folder: "str | os.PathLike", staged: bool = False) -> list[str]:
 @contextmanager
 def run_folder() -> Iterator[str]:
     """This run's temporary folder (``tempfile.tempdir`` while it lasts), removed at the end.
-    Re-entrant: a pipeline inside a CLI command shares the command's folder."""
-    global _current
-    if _current is not None:
-        yield _current
-        return
-    base = tempfile.gettempdir()
-    sweep(base)
-    path = tempfile.mkdtemp(prefix=f"{RUN_PREFIX}{os.getpid()}.", dir=base)
-    previous, _current = tempfile.tempdir, path
-    tempfile.tempdir = path
+    Shared, not nested: a pipeline inside a CLI command, or pipelines run from several threads of
+    one process (``tempfile.tempdir`` is process-wide), use one folder, removed when the last of
+    them ends."""
+    global _current, _previous, _users
+    with _lock:
+        if _users == 0:
+            base = tempfile.gettempdir()
+            sweep(base)
+            _current = tempfile.mkdtemp(prefix=f"{RUN_PREFIX}{os.getpid()}.", dir=base)
+            _previous, tempfile.tempdir = tempfile.tempdir, _current
+        _users += 1
+        path = _current
     try:
         yield path
     finally:
-        tempfile.tempdir, _current = previous, None
-        shutil.rmtree(path, ignore_errors=True)
+        with _lock:
+            _users -= 1
+            if _users == 0:
+                tempfile.tempdir, _current = _previous, None
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def track(path: "str | os.PathLike") -> None:

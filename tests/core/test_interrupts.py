@@ -100,3 +100,29 @@ def test_sigint_exits_within_2_s_during_ort_work_and_cleans_up(corpus_paths, tmp
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "onnxslim: interrupted"
     assert waited <= 2.0, f"SIGINT took {waited:.1f} s"
     assert not out.exists() and _leftovers(tmp, tmp_path) == []
+
+
+def test_run_folder_shared_by_threads_goes_with_the_last(tmp_path, monkeypatch):
+    """Pipelines run from two threads share the folder; the first to end does not remove it."""
+    import tempfile
+    import threading
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    inside, release = threading.Event(), threading.Event()
+    seen = []
+
+    def other():
+        with workdir.run_folder() as folder:
+            seen.append(folder)
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=other)
+    t.start()
+    inside.wait(10)
+    with workdir.run_folder() as folder:
+        assert folder == seen[0]
+    assert Path(folder).is_dir()  # the other thread's run is still on
+    release.set()
+    t.join()
+    assert not Path(folder).exists() and tempfile.tempdir == str(tmp_path)
