@@ -88,3 +88,33 @@ def relu_swapping_pass(name: str, new_op: str, modifies=frozenset({"graph"})):
         return result
 
     return type(f"Swap{new_op}", (GraphPass,), {"name": name, "modifies": frozenset(modifies), "run": run})
+
+
+def zero_units(model: onnx.ModelProto, share: float, seed: int) -> int:
+    """Zero every filter of a random share of the prunable units of each group (in place);
+    returns how many filters were zeroed. Pruning exactly those units must keep the outputs."""
+    from onnxslim_cnn.analysis.channels import analyze
+    from onnxslim_cnn.graph import Graph
+
+    a = analyze(Graph.from_model(model))
+    rng = np.random.default_rng(seed)
+    inits = {t.name: t for t in model.graph.initializer}
+    owner = {int(i): (name, k) for name, p in a.producers.items() for k, i in enumerate(p.ids.tolist())}
+    zeroed = 0
+    for g in a.groups:
+        units = g.prunable
+        if g.frozen or not units:
+            continue
+        for u in rng.choice(len(units), size=max(1, int(share * len(units))), replace=False):
+            for i in g.unit_ids[units[u]].tolist():
+                name, k = owner[i]
+                p = a.producers[name]
+                t = inits[p.node.inputs[1].name]
+                w = onnx.numpy_helper.to_array(t).copy()
+                if p.kind == "conv" or p.kind == "gemm" and p.node.attrs.get("transB", 0):
+                    w[k] = 0
+                else:
+                    w[:, k] = 0
+                t.CopyFrom(onnx.numpy_helper.from_array(w, t.name))
+                zeroed += 1
+    return zeroed

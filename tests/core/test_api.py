@@ -20,13 +20,6 @@ CALIB = {"x": np.random.default_rng(6).standard_normal((3, 4, 8, 8)).astype(np.f
 
 
 @pytest.fixture
-def model_path(tmp_path):
-    p = tmp_path / "in.onnx"
-    onnx.save(conv_bn_model(), p)
-    return p
-
-
-@pytest.fixture
 def temp_pass():
     """Register throwaway passes for one test and remove them afterwards."""
     added = []

@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import helper as h
 
-from graphs import conv_bn_model, vi
+from graphs import vi
 from onnxslim_cnn.cli import main
 
 
@@ -26,13 +26,6 @@ def cli(*args):
 
 def digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture
-def model_path(tmp_path):
-    p = tmp_path / "in.onnx"
-    onnx.save(conv_bn_model(), p)
-    return p
 
 
 def assert_bad_input(args, tmp_path, expect, inputs=()):

@@ -7,18 +7,9 @@ from __future__ import annotations
 
 import hashlib
 
-import onnx
 import pytest
 
-from graphs import conv_bn_model
 from onnxslim_cnn.cli import main
-
-
-@pytest.fixture
-def model_path(tmp_path):
-    p = tmp_path / "in.onnx"
-    onnx.save(conv_bn_model(), p)
-    return p
 
 
 def _digest(p):

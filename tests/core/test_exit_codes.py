@@ -11,16 +11,9 @@ import json
 import onnx
 import pytest
 
-from graphs import conv_bn_model, relu_swapping_pass
+from graphs import relu_swapping_pass
 from onnxslim_cnn import GraphPass, pass_infra, register_pass
 from onnxslim_cnn.cli import main
-
-
-@pytest.fixture
-def model_path(tmp_path):
-    p = tmp_path / "in.onnx"
-    onnx.save(conv_bn_model(), p)
-    return p
 
 
 @pytest.fixture

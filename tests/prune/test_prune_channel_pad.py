@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from graphs import init, make_model, vi
+from graphs import init, make_model, vi, zero_units
 from onnx import helper as h
 
 import onnxslim_cnn
@@ -36,32 +36,6 @@ def assert_valid(model: onnx.ModelProto, out: onnx.ModelProto, feeds: dict) -> l
     ref = make_session(model).run(None, feeds)
     assert [g.shape for g in got] == [r.shape for r in ref]
     return got
-
-
-def zero_units(model: onnx.ModelProto, share: float, seed: int) -> int:
-    """Zero the filters of a random share of each group's prunable units (in place); returns how
-    many filters were zeroed."""
-    a = analyze(Graph.from_model(model))
-    rng = np.random.default_rng(seed)
-    inits = {t.name: t for t in model.graph.initializer}
-    owner = {int(i): (name, k) for name, p in a.producers.items() for k, i in enumerate(p.ids.tolist())}
-    zeroed = 0
-    for g in a.groups:
-        if g.frozen or not g.prunable:
-            continue
-        for u in rng.choice(len(g.prunable), size=max(1, int(share * len(g.prunable))), replace=False):
-            for i in g.unit_ids[g.prunable[u]].tolist():
-                name, k = owner[i]
-                p = a.producers[name]
-                t = inits[p.node.inputs[1].name]
-                w = onnx.numpy_helper.to_array(t).copy()
-                if p.kind == "conv" or p.kind == "gemm" and p.node.attrs.get("transB", 0):
-                    w[k] = 0
-                else:
-                    w[:, k] = 0
-                t.CopyFrom(onnx.numpy_helper.from_array(w, t.name))
-                zeroed += 1
-    return zeroed
 
 
 def _pads(model: onnx.ModelProto) -> dict[str, list[int]]:
