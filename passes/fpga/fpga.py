@@ -62,6 +62,10 @@ class FpgaPass(ModelPass):
     Options = FpgaOptions
     modifies = frozenset()
     always_uses_calibration = True  # formats come from the activation ranges
+    # lower_model(require_calibration=True), for `onnxslim fpga`, which runs no pipeline (the
+    # pipeline refuses lossy passes without data before they start); checked once the model is
+    # known to lower, so an unsupported model is named first
+    require_calibration = False
     lossy = True
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
@@ -87,7 +91,7 @@ class FpgaPass(ModelPass):
         else:
             folded, _ = SlimPass().apply(model)
         check_supported(folded)
-        if getattr(self, "require_calibration", False) and not ctx.calibration_given:
+        if self.require_calibration and not ctx.calibration_given:
             raise UserError("onnxslim fpga needs calibration data for its number formats: --calib FILE.npz or "
                             "--calib IMAGE_DIR --preprocess PRESET (or --calib random to accept unverified formats)")
         acts = ctx.activations(folded, activation_names(folded))
