@@ -29,7 +29,8 @@ def write_atomic_many(files: "dict[str | os.PathLike, bytes]") -> None:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
                 workdir.sweep(folder, staged=True)
-                fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".onnxslim-{path.name}.{os.getpid()}.", suffix=".part")
+                fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".onnxslim-{path.name}.{os.getpid()}.",
+                                           suffix=".part")
                 staged.append((tmp, path))
                 workdir.track(tmp)
                 with os.fdopen(fd, "wb") as f:
@@ -82,14 +83,12 @@ def check_outputs(outputs: "dict[str, str | os.PathLike | None]", inputs: "tuple
         parent = p.resolve().parent
         if parent in created:
             parent = parent.parent
-        if parent.exists() and not parent.is_dir():
-            raise UserError(f"cannot write {label} {p}: {parent} is not a folder")
-        if not parent.exists():
-            probe = parent
-            while not probe.exists():
-                probe = probe.parent
-            if not probe.is_dir():
-                raise UserError(f"cannot write {label} {p}: {probe} is not a folder")
+        existing = parent
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise UserError(f"cannot write {label} {p}: {existing} is not a folder")
+        if existing != parent:
             raise UserError(f"cannot write {label} {p}: folder {parent} does not exist")
         key = p.resolve()
         if key in seen:
