@@ -147,7 +147,8 @@ def timed(cmd: list[str]) -> dict:
     p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t0
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
-    err = p.stderr.split("\tCommand being timed:")[0].rstrip().splitlines()
+    err = [ln for ln in p.stderr.split("\tCommand being timed:")[0].rstrip().splitlines()
+           if not ln.startswith("Command exited with non-zero status")]
     return {"cmd": " ".join(cmd), "rc": p.returncode, "seconds": wall,
             "peak_rss_mib": int(m.group(1)) / 1024 if m else None, "stderr_tail": err[-TAIL_LINES:]}
 
@@ -204,7 +205,16 @@ def ort_q8_main(src: str, calib: str, dst: str) -> int:
             return {k: v[self.i - 1:self.i] for k, v in data.items()}
 
     pre = dst[:-5] + ".pre.onnx"
-    quant_pre_process(src, pre)
+    note = {"pre_process": "quant_pre_process (symbolic shape inference, ORT optimization, ONNX shape inference)"}
+    try:
+        quant_pre_process(src, pre)
+    except Exception as exc:  # ORT's symbolic shape inference asserts on some dynamic graphs
+        note = {"pre_process": "quant_pre_process(skip_symbolic_shape=True): the default call failed: "
+                               f"{type(exc).__name__}: {str(exc).strip()[:200]}"}
+        print(f"# {note['pre_process']}", file=sys.stderr, flush=True)
+        quant_pre_process(src, pre, skip_symbolic_shape=True)
+    with open(dst[:-5] + ".note.json", "w") as f:
+        json.dump(note, f)
     quantize_static(pre, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax)
@@ -223,6 +233,11 @@ def build(model_id: str, config: str, src: str, calib: str, workdir: str) -> dic
     elif config == "ort_q8":
         run = timed([sys.executable, os.path.abspath(__file__), "--_ort-q8", src, calib, base + ".onnx"])
         row = {**run, "path": base + ".onnx"}
+        try:
+            with open(base + ".note.json") as f:
+                row.update(json.load(f))
+        except (OSError, ValueError):
+            pass
     elif config == "sparsify_share":
         a = timed(onnxslim_cmd(src, base + ".onnx", "sparsify,share", calib, base + ".report.json"))
         row = {**a, "path": base + ".onnx", **report_stats(base + ".report.json")}
@@ -386,6 +401,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results", "flagship.json"))
     ap.add_argument("--workdir", default=None, help="where models and calibration files go "
                                                     "(default: a temporary folder, removed)")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the other models' results already in --out (each model's ratios "
+                         "still come from its own interleaved run)")
     args = ap.parse_args(argv)
     configs = tuple(args.configs.split(","))
     unknown = set(configs) - set(CONFIGS)
@@ -407,6 +425,12 @@ def main(argv=None) -> int:
     doc = {"machine": machine(cpu_model=cpu, nproc=os.cpu_count(), git_commit=git_commit()),
            "command": "python3 bench/flagship.py " + " ".join(argv), "configs": list(configs),
            "results": []}
+    kept = []
+    if args.update and args.out and os.path.exists(args.out):
+        with open(args.out) as f:
+            old = json.load(f)
+        kept = [r for r in old.get("results", []) if r["model"] not in args.models.split(",")]
+        doc["earlier_runs"] = old.get("earlier_runs", []) + [{k: old.get(k) for k in ("machine", "command")}]
     for mid in args.models.split(","):
         try:
             doc["results"].append(bench_model(mid, configs, workdir))
@@ -415,7 +439,9 @@ def main(argv=None) -> int:
         print(table(doc["results"][-1:]), file=sys.stderr, flush=True)
         if args.out:  # partial results survive a later model's crash
             with open(args.out, "w") as f:
-                json.dump(doc, f, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+                json.dump({**doc, "results": kept + doc["results"]}, f, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    order = {m: i for i, m in enumerate(DIGITS + CORPUS)}
+    doc["results"] = sorted(kept + doc["results"], key=lambda r: order.get(r["model"], 99))
     print(table(doc["results"]), file=sys.stderr)
     emit(doc, args.out)
     if tmp is not None:
