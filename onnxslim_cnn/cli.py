@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 from .errors import UserError
+from .progress import Progress
 
 PROG = "onnxslim"
 EXIT_INCOMPLETE = 3  # the run did not do all it was asked to (see the module docstring)
@@ -71,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", dest="input_shapes", action="append", default=[], metavar="NAME=D0,D1,...",
                    help="concrete shape for an input with dynamic dims (for random calibration and MACs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random calibration generator (default 0)")
-    p.add_argument("--report", help="also write the report as JSON to this file")
+    p.add_argument("--report", metavar="FILE.json|FILE.html",
+                   help="also write the report to this file: JSON, or a self-contained HTML page (charts, "
+                        "per-layer table; no network needed to view) when the name ends in .html or .htm")
     p.add_argument("--bench", action="store_true", help="measure ORT CPU latency before/after (1 thread)")
     p.add_argument("--no-fidelity", action="store_true", help="skip the ORT comparison with the original")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no report table")
@@ -100,21 +103,12 @@ def format_pass_list() -> str:
     return "\n".join(lines)
 
 
-class _Progress:
-    """A one-line progress bar on stderr, shown only on a terminal."""
+class _Progress(Progress):
+    """The run's progress on stderr (onnxslim_cnn/progress.py): ``mode="auto"`` draws a bar on a
+    terminal and writes bounded-rate lines with an ETA anywhere else (CI, notebooks); off with -q."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    def __call__(self, done: int, total: int, label: str) -> None:
-        if not self.enabled:
-            return
-        width = 24
-        filled = int(width * done / max(total, 1))
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<20}")
-        if done >= total and label == "measure":
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+    def __init__(self, enabled: bool, mode: str = "bar"):
+        super().__init__(mode if enabled else "off")
 
 
 def run(argv: "list[str] | None" = None) -> int:
@@ -152,11 +146,12 @@ def run(argv: "list[str] | None" = None) -> int:
             raise UserError("--passes is empty")
     for pass_name, opts in parse_set(args.sets).items():
         options.setdefault(pass_name, {}).update(opts)
-    progress = _Progress(enabled=not args.quiet and sys.stderr.isatty())
+    progress = _Progress(enabled=not args.quiet, mode="auto")
     result = run_pipeline(src, passes or None, options=options, calib=args.calib,
                           input_shapes=parse_input_shapes(args.input_shapes), seed=args.seed,
                           fidelity=not args.no_fidelity, bench=args.bench, progress=progress,
                           **_calibration_args(args))
+    progress.close()
     report = result.report
     problems = report.problems
     incomplete = bool(problems) and not args.allow_skip
@@ -197,7 +192,8 @@ def _write_outputs(model, dst: Path, report, report_path: "str | None") -> None:
     report_written = False
     if report_path:
         existed = Path(report_path).exists()
-        write_atomic(report_path, report.to_json().encode("utf-8"))
+        html = Path(report_path).suffix.lower() in (".html", ".htm")
+        write_atomic(report_path, (report.to_html() if html else report.to_json()).encode("utf-8"))
         report_written = not existed
     if model is None:
         return

@@ -84,6 +84,12 @@ class Report:
     def to_json(self, **kw: Any) -> str:
         return json.dumps(self.to_dict(**kw), indent=2, sort_keys=False, default=_jsonable)
 
+    def to_html(self, **kw: Any) -> str:
+        """One self-contained HTML page (inline SVG charts, no network at view time): see report_html."""
+        from .report_html import render_html
+
+        return render_html(self, **kw)
+
     def format_table(self, *, max_items: int = 12) -> str:
         return "\n".join(_table_lines(self, max_items))
 
