@@ -26,6 +26,7 @@ lines below, with no new dependency for every install.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -34,8 +35,19 @@ from typing import Callable, Optional, TextIO
 
 Callback = Callable[[int, int, str], None]
 
-DEFAULT_INTERVAL = 10.0  # seconds between lines off a terminal
+# Seconds between lines off a terminal; ONNXSLIM_CNN_PROGRESS_INTERVAL sets it (a CI log that
+# wants fewer lines: 60).
+DEFAULT_INTERVAL = 10.0
 DEFAULT_MIN_FRACTION = 0.10  # or this share of the steps done since the last line
+
+
+def _default_interval() -> float:
+    text = os.environ.get("ONNXSLIM_CNN_PROGRESS_INTERVAL", "")
+    try:
+        value = float(text)
+    except ValueError:
+        return DEFAULT_INTERVAL
+    return value if value > 0 and value == value else DEFAULT_INTERVAL
 
 
 def format_seconds(s: float) -> str:
@@ -61,14 +73,14 @@ class Progress:
     context manager) when the run ends; a printer that is dropped stops its thread too.
     """
 
-    def __init__(self, mode: str = "auto", stream: Optional[TextIO] = None, *, interval: float = DEFAULT_INTERVAL,
+    def __init__(self, mode: str = "auto", stream: Optional[TextIO] = None, *, interval: Optional[float] = None,
                  min_fraction: float = DEFAULT_MIN_FRACTION, quiet_for: Optional[float] = None,
                  heartbeat: bool = True, prefix: str = "onnxslim", clock: Callable[[], float] = time.monotonic):
         if mode not in ("auto", "bar", "lines", "off"):
             raise ValueError(f"progress mode must be auto, bar, lines or off, not {mode!r}")
         self._mode = mode
         self._stream = stream
-        self.interval = float(interval)
+        self.interval = _default_interval() if interval is None else float(interval)
         self.min_fraction = float(min_fraction)
         self.quiet_for = self.interval if quiet_for is None else float(quiet_for)
         self.heartbeat = heartbeat
@@ -148,7 +160,8 @@ class Progress:
 
     def eta(self, now: Optional[float] = None) -> Optional[float]:
         """Seconds left: the mean time of the finished steps times the steps left, less what the
-        current one has run; None before a step has finished or once all have."""
+        current one has run (never below the steps after it); None before a step has finished
+        or once all have."""
         if self._step is None or self._start is None:
             return None
         done, total, _, step_start = self._step
@@ -156,7 +169,17 @@ class Progress:
         if done <= 0 or done >= total:
             return None
         per_step = (step_start - self._start) / done
-        return max(0.0, per_step * (total - done) - (now - step_start))
+        return per_step * (total - done - 1) + max(per_step - (now - step_start), 0.0)
+
+    def _eta_text(self, now: float) -> str:
+        eta = self.eta(now)
+        done, total, _, step_start = self._step
+        if eta is None:
+            return "ETA unknown" if done < total else ""
+        if done > 0 and now - step_start > (step_start - self._start) / done:
+            # this step already runs longer than the mean: only the steps after it are estimated
+            return f"ETA over {format_seconds(eta)}"
+        return f"ETA {format_seconds(eta)}"
 
     def _line(self, now: float, running: bool) -> str:
         done, total, label, step_start = self._step
@@ -166,11 +189,9 @@ class Progress:
         if running:
             parts.append(f"running for {format_seconds(now - step_start)}")
         parts.append(f"elapsed {format_seconds(now - self._start)}")
-        eta = self.eta(now)
-        if eta is not None:
-            parts.append(f"ETA {format_seconds(eta)}")
-        elif done < total:
-            parts.append("ETA unknown")
+        eta = self._eta_text(now)
+        if eta:
+            parts.append(eta)
         return ", ".join(parts)
 
     def _write_line(self, now: float, running: bool) -> None:
@@ -184,8 +205,8 @@ class Progress:
         done, total, label, _ = self._step
         width = 24
         filled = int(width * done / max(total, 1))
-        eta = self.eta()
-        tail = f" ETA {format_seconds(eta)}" if eta is not None else ""
+        eta = self._eta_text(self.clock()) if self._start is not None else ""
+        tail = f" {eta}" if eta and eta != "ETA unknown" else ""
         self._write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<20}{tail:<12}")
         self._bar_open = True
         if done >= total:
