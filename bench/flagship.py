@@ -191,11 +191,16 @@ def ort_q8_main(src: str, calib: str, dst: str) -> int:
                                           QuantType, quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from onnxslim_cnn.sessions import make_session
+
     data = dict(np.load(calib))
     n = len(next(iter(data.values())))
 
     class Reader(CalibrationDataReader):
         def __init__(self):
+            self.i = 0
+
+        def rewind(self):
             self.i = 0
 
         def get_next(self):
@@ -205,19 +210,35 @@ def ort_q8_main(src: str, calib: str, dst: str) -> int:
             return {k: v[self.i - 1:self.i] for k, v in data.items()}
 
     pre = dst[:-5] + ".pre.onnx"
-    note = {"pre_process": "quant_pre_process (symbolic shape inference, ORT optimization, ONNX shape inference)"}
-    try:
-        quant_pre_process(src, pre)
-    except Exception as exc:  # ORT's symbolic shape inference asserts on some dynamic graphs
-        note = {"pre_process": "quant_pre_process(skip_symbolic_shape=True): the default call failed: "
-                               f"{type(exc).__name__}: {str(exc).strip()[:200]}"}
-        print(f"# {note['pre_process']}", file=sys.stderr, flush=True)
-        quant_pre_process(src, pre, skip_symbolic_shape=True)
+    # ORT's recommended call first; where it fails (its symbolic shape inference asserts on some
+    # dynamic graphs) or quantizes to a model ORT cannot load, the next of these, each recorded
+    attempts = [("quant_pre_process", {}),
+                ("quant_pre_process(skip_symbolic_shape=True)", {"skip_symbolic_shape": True}),
+                ("quant_pre_process(skip_symbolic_shape=True, skip_optimization=True)",
+                 {"skip_symbolic_shape": True, "skip_optimization": True}),
+                ("none (quantize_static on the original file)", None)]
+    note: dict = {"failed_attempts": []}
+    for label, kwargs in attempts:
+        try:
+            if kwargs is not None:
+                quant_pre_process(src, pre, **kwargs)
+            quantize_static(src if kwargs is None else pre, dst, Reader(), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax)
+            make_session(dst)
+        except Exception as exc:
+            msg = f"{label}: {type(exc).__name__}: {str(exc).strip()[:300]}"
+            note["failed_attempts"].append(msg)
+            print(f"# {msg}", file=sys.stderr, flush=True)
+            continue
+        note["pre_process"] = label
+        break
+    else:
+        with open(dst[:-5] + ".note.json", "w") as f:
+            json.dump(note, f)
+        return 1
     with open(dst[:-5] + ".note.json", "w") as f:
         json.dump(note, f)
-    quantize_static(pre, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
     return 0
 
 
