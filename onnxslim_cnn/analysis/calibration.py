@@ -8,7 +8,13 @@ little about a trained model's real activations):
 * ``samples`` samples (default 8) drawn from ``numpy.random.default_rng(seed)`` (default seed 0),
   inputs in graph order, so the same model and seed always give the same arrays;
 * a symbolic first dimension takes the sample count; any other symbolic dimension must come from
-  ``input_shapes`` (``--input-shape name=1,3,640,640``), otherwise the generator refuses.
+  ``input_shapes`` (``--input-shape name=1,3,640,640``), otherwise the generator refuses;
+* it also refuses (one-line ``UserError``; a pipeline of exact passes then runs without
+  fidelity and the report says why) inputs it cannot stand in for: a sequence, map or optional
+  input, an integer input that is a shape operand (Expand's shape, Reshape's target, Slice's
+  starts, ...: zeros would make the run fail or mean nothing), inputs whose fixed first dims
+  disagree (no common sample axis), a declared 0-sized dim, and arrays over ``MAX_CALIB_BYTES``
+  in total (drawn in chunks, so the float64 draw never needs more than a chunk on top).
 
 Real samples come from an ``.npz`` (here) or a folder of images (``analysis/images.py``). Every
 array is checked: finite values only, at least one sample, the model's ranks, fixed dims and
@@ -35,10 +41,16 @@ import onnx
 from onnx import helper
 
 from ..errors import UserError
+from ..model_io import inferred, skeleton, with_static_inputs
 
 # Cap on calibration data held in memory (all arrays together): the activations passes capture
 # on it are a multiple of it, and a few hundred samples are plenty for every pass.
 MAX_CALIB_BYTES = 2 << 30
+# Cap on one tensor of one ORT run over a batch of the calibration inputs, from static shape
+# inference before any run: a ConstantOfShape of [60000, 60000] (14.4 GB) or a huge Expand would
+# make every reference, fidelity and activation run allocate it (CNN activations at batch 8 stay
+# far below: PP-OCRv4 det at 640x640, 105 MB).
+MAX_RUN_TENSOR_BYTES = 4 << 30
 # Deflate cannot expand more than ~1032:1; a zip member claiming more is forged.
 MAX_DEFLATE_RATIO = 1100
 DEFAULT_HELDOUT = 0.25
@@ -130,13 +142,56 @@ def _run_batch(specs: list[InputSpec], samples: int, default: int = 8) -> int:
     return fixed[0] if fixed else min(default, max(samples, 1))
 
 
+# Integer inputs that are shape operands: op type -> input positions. Random integers (the
+# generator's zeros) there make the run fail (Expand to shape [0, 0]) or compute nothing useful.
+SHAPE_OPERANDS: "dict[str, tuple[int, ...]]" = {
+    "Expand": (1,), "Reshape": (1,), "ConstantOfShape": (0,), "Tile": (1,), "Range": (0, 1, 2),
+    "Resize": (3,), "OneHot": (1,), "TopK": (1,), "Pad": (1, 3), "Slice": (1, 2, 3, 4),
+    "Squeeze": (1,), "Unsqueeze": (1,), "Split": (1,), "SplitToSequence": (1,), "CenterCropPad": (1, 2),
+    "Trilu": (1,), "ReduceSum": (1,), "ReduceMean": (1,), "ReduceMax": (1,), "ReduceMin": (1,),
+    "ReduceProd": (1,), "ReduceL1": (1,), "ReduceL2": (1,), "ReduceLogSum": (1,),
+    "ReduceLogSumExp": (1,), "ReduceSumSquare": (1,),
+}
+_DRAW_CHUNK = 1 << 22  # elements per float64 draw (32 MiB), so the cap bounds the memory too
+
+
+def _refuse_unusable_inputs(model: onnx.ModelProto, specs: list[InputSpec]) -> None:
+    """One-line refusal for inputs random values cannot stand in for (module docstring)."""
+    tail = "random calibration cannot stand in for it; give --calib FILE.npz with real inputs"
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        kind = vi.type.WhichOneof("value")
+        if vi.name not in inits and kind not in (None, "tensor_type"):
+            what = {"sequence_type": "a sequence", "map_type": "a map", "optional_type": "an optional",
+                    "sparse_tensor_type": "a sparse tensor"}.get(kind, kind)
+            raise UserError(f"input '{vi.name}' is {what}, not a tensor: the random generator makes tensors only "
+                            "and calibration arrays are tensors")
+    integer = {s.name for s in specs if np.issubdtype(s.dtype, np.integer)}
+    for node in model.graph.node:
+        for pos in SHAPE_OPERANDS.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ():
+            if pos < len(node.input) and node.input[pos] in integer:
+                raise UserError(f"input '{node.input[pos]}' is a shape operand (input {pos} of {node.op_type} "
+                                f"'{node.name or node.output[0]}'): {tail}")
+    for s in specs:
+        zero = [axis for axis, d in enumerate(s.dims) if isinstance(d, int) and d == 0]
+        if zero:
+            raise UserError(f"input '{s.name}' declares a 0-sized dimension at axis {zero[0]} (shape {s.dims}): "
+                            "it holds no data, so there is nothing to calibrate or measure on")
+    fixed = {s.name: b for s in specs if (b := _fixed_batch(s)) is not None}
+    if len(set(fixed.values())) > 1:  # runs of one batch would cut the others' axis 0
+        dims = ", ".join(f"{n} {b}" for n, b in fixed.items())
+        raise UserError(f"the inputs' fixed first dims differ ({dims}): there is no common sample axis to stack "
+                        "calibration samples on")
+
+
 def random_inputs(model: onnx.ModelProto, *, samples: int = 8, seed: int = 0,
                   input_shapes: "dict[str, tuple[int, ...]] | None" = None) -> CalibrationData:
     specs = graph_inputs(model)
     input_shapes = input_shapes or {}
     _check_shape_names(specs, input_shapes)
+    _refuse_unusable_inputs(model, specs)
     rng = np.random.default_rng(seed)
-    arrays = {}
+    shapes = {}
     for spec in specs:
         if spec.name in input_shapes:
             shape = list(input_shapes[spec.name])
@@ -163,7 +218,16 @@ def random_inputs(model: onnx.ModelProto, *, samples: int = 8, seed: int = 0,
         if fixed is not None and shape:
             # A fixed batch of b: draw samples in whole runs of b.
             shape[0] = max(fixed, (samples // fixed) * fixed)
-        arrays[spec.name] = _draw(rng, spec.dtype, tuple(shape))
+        shapes[spec.name] = tuple(shape)
+    total = sum(int(np.prod(shapes[s.name], dtype=object)) * s.dtype.itemsize for s in specs)
+    if total > MAX_CALIB_BYTES:
+        big = max(specs, key=lambda s: int(np.prod(shapes[s.name], dtype=object)) * s.dtype.itemsize)
+        raise UserError(f"random calibration inputs would take {format_bytes(total)} (input '{big.name}' "
+                        f"{'x'.join(map(str, shapes[big.name]))} {big.dtype}), over the {format_bytes(MAX_CALIB_BYTES)} "
+                        "cap on calibration data; give --input-shape with smaller dims or --calib FILE.npz")
+    batch = _run_batch(specs, samples)
+    check_run_size(model, {k: (batch,) + v[1:] if v else v for k, v in shapes.items()})
+    arrays = {spec.name: _draw(rng, spec.dtype, shapes[spec.name]) for spec in specs}
     src = f"random(seed={seed}, samples={samples})"
     warn = (f"no --calib given: using {src} inputs; fidelity and data-driven passes are more "
             "meaningful with real samples")
@@ -173,7 +237,13 @@ def random_inputs(model: onnx.ModelProto, *, samples: int = 8, seed: int = 0,
 
 def _draw(rng: np.random.Generator, dtype: np.dtype, shape: tuple) -> np.ndarray:
     if np.issubdtype(dtype, np.floating):
-        return rng.standard_normal(shape).astype(dtype)
+        # The same values as one rng.standard_normal(shape) draw, in chunks of _DRAW_CHUNK.
+        out = np.empty(shape, dtype=dtype)
+        flat = out.reshape(-1)
+        for start in range(0, flat.size, _DRAW_CHUNK):
+            stop = min(start + _DRAW_CHUNK, flat.size)
+            flat[start:stop] = rng.standard_normal(stop - start)
+        return out
     if dtype == np.bool_:
         return np.zeros(shape, dtype=bool)
     return np.zeros(shape, dtype=dtype)
@@ -210,11 +280,16 @@ def _check_npz(path: Path) -> None:
             raise UserError(f"{path}: not a readable .npz file (a .npy file holds one unnamed array; write named "
                             "arrays, one per model input, with numpy.savez)")
         raise UserError(f"{path}: not an .npz (zip) file; write one with numpy.savez(path, input_name=array)")
-    total = 0
+    total, size = 0, path.stat().st_size
     try:
         with zipfile.ZipFile(path) as zf:
             for info in zf.infolist():
                 key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                if info.compress_size > size or info.compress_type == zipfile.ZIP_STORED and \
+                        info.file_size > info.compress_size:
+                    raise UserError(f"{path}: array '{key}' claims {format_bytes(info.file_size)} "
+                                    f"({format_bytes(info.compress_size)} stored) in a file of {format_bytes(size)} "
+                                    "(a forged or corrupt file)")
                 if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_DEFLATE_RATIO * max(info.compress_size, 1):
                     raise UserError(f"{path}: array '{key}' claims {format_bytes(info.file_size)} from "
                                     f"{format_bytes(info.compress_size)} compressed, more than compression can give "
@@ -294,8 +369,41 @@ def from_arrays(arrays: "dict[str, np.ndarray]", model: onnx.ModelProto, label: 
     if len(counts) > 1:
         raise UserError(f"{label}: arrays disagree on the number of samples (axis 0: {sorted(counts)})")
     warnings = [f"{label}: ignoring arrays that are not model inputs: {', '.join(extra)}"] if extra else []
-    return CalibrationData(inputs, source, _run_batch(specs, counts.pop() if counts else 1), warnings,
-                           fixed_batch=any(_fixed_batch(s) for s in specs))
+    batch = _run_batch(specs, counts.pop() if counts else 1)
+    check_run_size(model, {k: (batch,) + v.shape[1:] if v.ndim else () for k, v in inputs.items()})
+    return CalibrationData(inputs, source, batch, warnings, fixed_batch=any(_fixed_batch(s) for s in specs))
+
+
+def check_run_size(model: onnx.ModelProto, run_shapes: "dict[str, tuple[int, ...]]") -> None:
+    """Refuse (one-line ``UserError``) inputs on which one ORT run of ``model`` would make a
+    tensor over ``MAX_RUN_TENSOR_BYTES``, by static shape inference with the run's input shapes
+    (tensors whose shape inference cannot tell are not judged)."""
+    info = inferred(with_static_inputs(skeleton(model), run_shapes))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    worst = None
+    for vi in list(info.graph.value_info) + list(info.graph.output):
+        tt = vi.type.tensor_type
+        if not tt.elem_type or not tt.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if any(d is None for d in dims):
+            continue
+        try:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize
+        except Exception:
+            continue
+        size = int(np.prod(dims, dtype=object)) * itemsize
+        if size > MAX_RUN_TENSOR_BYTES and (worst is None or size > worst[0]):
+            worst = (size, vi.name, dims)
+    if worst is not None:
+        size, name, dims = worst
+        node = producer.get(name)
+        by = f" (made by {node.op_type} '{node.name or name}')" if node is not None else ""
+        shapes = ", ".join(f"{k} {'x'.join(map(str, v)) or 'scalar'}" for k, v in run_shapes.items())
+        raise UserError(f"one run of the model on a batch of the calibration inputs ({shapes}) would make tensor "
+                        f"'{name}' of {format_bytes(size)} ({'x'.join(map(str, dims))}){by}, over the "
+                        f"{format_bytes(MAX_RUN_TENSOR_BYTES)} cap on one tensor; onnxruntime would need that memory "
+                        "for every reference, fidelity and activation run")
 
 
 # --------------------------------------------------------------------------- held-out split

@@ -7,13 +7,18 @@ keeps the model's outputs equal up to float rounding.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 from typing import Callable
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.importers.onnx_importer import get_itemsize
 
 from onnxslim_cnn.graph import Graph, array_digest
+from onnxslim_cnn.graph import node_label as _node_label
 from onnxslim_cnn.options import option
 from onnxslim_cnn.context import PassContext
 from onnxslim_cnn.pass_infra import GraphPass, PassResult, register_pass
@@ -66,10 +71,11 @@ class SlimPass(GraphPass):
             ) if flag
         ]
         nodes_before = len(graph.nodes)
+        too_big: dict[str, str] = {}  # node label -> why folding left it (fold_constants)
         for _ in range(o.max_rounds):
             changed = 0
             if o.fold_constants:
-                changed += fold_constants(graph, result, int(o.fold_size_limit_mb * (1 << 20)))
+                changed += fold_constants(graph, result, int(o.fold_size_limit_mb * (1 << 20)), too_big)
             for _name, fn in enabled:
                 changed += fn(graph, result)
                 graph.remove_unused()
@@ -84,20 +90,49 @@ class SlimPass(GraphPass):
             result.changed = True
         result.stats["nodes_removed"] = nodes_before - len(graph.nodes)
         rules.report_unfolded_batchnorms(graph, result)
+        left = {_node_label(n) for n in graph.nodes} | {_node_label(n) for sub in graph.gs.subgraphs(recursive=True)
+                                                        for n in sub.nodes}
+        for label, why in too_big.items():
+            if label in left:  # (a node whose size became known later and folded is not reported)
+                result.skip(label, why)
         return result
 
 
-def fold_constants(graph: Graph, result: PassResult, size_limit: int) -> int:
+def fold_constants(graph: Graph, result: PassResult, size_limit: int,
+                   too_big: "dict[str, str] | None" = None) -> int:
     """Evaluate all-constant subgraphs with ONNX Runtime (onnx-graphsurgeon's folder).
 
-    Q/DQ nodes are kept (gs never folds them), so a quantized model stays quantized.
+    Q/DQ nodes are kept (gs never folds them), so a quantized model stays quantized. No node
+    whose output would exceed ``size_limit`` bytes is evaluated at all (:func:`fold_blocker`,
+    estimated before evaluation: gs's own threshold only drops a result after computing it, and
+    a ConstantOfShape of [60000, 60000] is 14.4 GB); why each was left is put in ``too_big``
+    (node label -> reason), for the pass to report those still there at its end. gs's folding
+    sessions are built without options, so ORT's default logger is silenced meanwhile.
     """
     before = len(graph.nodes)
     graph.toposort()
+    opsets = list(graph._template.opset_import)
+    blocked = {} if too_big is None else too_big
+
+    def exclude(node: gs.Node) -> bool:
+        if node.op in rules.NONDETERMINISTIC or node.domain not in ("", "ai.onnx", None):
+            return True
+        why = fold_blocker(node, size_limit, opsets)
+        if why:
+            blocked[_node_label(node)] = why
+        return why is not None
+
     try:
-        graph.gs.fold_constants(fold_shapes=True, partitioning="recursive", error_ok=True,
-                                size_threshold=size_limit,
-                                should_exclude_node=lambda n: n.op in rules.NONDETERMINISTIC or n.domain not in ("", "ai.onnx", None))
+        with _quiet_ort():
+            graph.gs.fold_constants(fold_shapes=True, partitioning="recursive", error_ok=True,
+                                    size_threshold=size_limit, recurse_subgraphs=False,
+                                    should_exclude_node=exclude)
+            # gs would fold If/Loop bodies without ``exclude``: fold them here, with it
+            for sub in list(graph.gs.subgraphs(recursive=True)):
+                sub.toposort()
+                sub.fold_constants(fold_shapes=True, partitioning="recursive", error_ok=True,
+                                   size_threshold=size_limit, recurse_subgraphs=False,
+                                   recurse_functions=False, should_exclude_node=exclude)
     except Exception as exc:  # folding is an optimisation: a model it cannot evaluate stays as is
         result.skip("constant folding", f"onnx-graphsurgeon could not fold: {str(exc).splitlines()[0]}")
         return 0
@@ -107,6 +142,117 @@ def fold_constants(graph: Graph, result: PassResult, size_limit: int) -> int:
         result.changed = True
         result.count("constant_nodes_folded", folded)
     return folded
+
+
+# Ops whose output size comes from input *values* (a shape, repeats, a range, sizes, scales,
+# pads, a depth) rather than from input sizes: with an unknown output shape their size cannot be
+# bounded before evaluation, so they wait for their inputs to be constants and their shape known.
+SIZE_FROM_VALUES = frozenset({"ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Upsample", "Pad",
+                              "OneHot", "CenterCropPad", "Col2Im", "MaxUnpool"})
+_TINY_CONSTANT = 1 << 16  # elements: constants copied into the one-node inference model
+
+
+def fold_blocker(node: gs.Node, size_limit: int, opsets: "list | None" = None) -> "str | None":
+    """Why ``node`` must not be evaluated by folding (None: it may): an output over ``size_limit``
+    bytes, or, for an op of ``SIZE_FROM_VALUES``, an output size not known beforehand."""
+    sizes = [_tensor_bytes(t) for t in node.outputs]
+    shapes = [list(t.shape) if b is not None else None for b, t in zip(sizes, node.outputs)]
+    if any(b is None for b in sizes) and node.op in SIZE_FROM_VALUES:
+        one = _infer_one(node, opsets) if all(isinstance(t, gs.Constant) or t.is_empty() for t in node.inputs) else None
+        if one is None:
+            return (f"not folded: {node.op} makes its output size from input values, and that size is not known "
+                    "before evaluation")
+        sizes, shapes = [b for b, _ in one], [d for _, d in one]
+    known = [(b, d, t.name) for b, d, t in zip(sizes, shapes, node.outputs) if b is not None]
+    if not known:
+        return None
+    big, dims, name = max(known, key=lambda k: k[0])
+    if big <= size_limit:
+        return None
+    return (f"not folded: its output '{name}' would take {_format_bytes(big)} ({'x'.join(map(str, dims))}), over "
+            f"the {size_limit / (1 << 20):g} MiB limit (fold_size_limit_mb); it is left to run time")
+
+
+def _tensor_bytes(t: gs.Tensor) -> "int | None":
+    """Size of ``t`` from its static shape and dtype, without touching its values."""
+    shape, dtype = t.shape, t.dtype
+    if shape is None or dtype is None or any(not isinstance(d, (int, np.integer)) or d < 0 for d in shape):
+        return None
+    try:
+        itemsize = get_itemsize(dtype)
+    except Exception:
+        return None
+    return int(np.prod([int(d) for d in shape], dtype=object)) * int(itemsize)
+
+
+def _infer_one(node: gs.Node, opsets: "list | None") -> "list[tuple] | None":
+    """(bytes, dims) of each output of ``node`` (None, None where unknown) alone from ONNX shape inference (with data propagation) on a
+    one-node model of its constant inputs (small ones by value, large ones by type), or None."""
+    try:
+        ins, graph_inputs = [], []
+        for i, t in enumerate(node.inputs):
+            if t.is_empty():
+                ins.append(gs.Variable.empty())
+                continue
+            size = _tensor_bytes(t)
+            if size is not None and size <= _TINY_CONSTANT * 8:
+                ins.append(gs.Constant(f"in{i}", np.asarray(t.values)))
+            else:
+                v = gs.Variable(f"in{i}", dtype=t.dtype, shape=list(t.shape) if t.shape is not None else None)
+                ins.append(v)
+                graph_inputs.append(v)
+        outs = [gs.Variable(f"out{k}") for k in range(len(node.outputs))]
+        one = gs.Node(node.op, name="n", attrs=dict(node.attrs), inputs=ins, outputs=outs, domain=node.domain)
+        model = gs.export_onnx(gs.Graph(nodes=[one], inputs=graph_inputs, outputs=outs), do_type_check=False)
+        if opsets:
+            del model.opset_import[:]
+            model.opset_import.extend(opsets)
+        info = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:
+        return None
+    found = {}
+    for vi in info.graph.output:
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim] \
+            if tt.HasField("shape") and tt.elem_type else None
+        if dims is None or any(d is None for d in dims):
+            continue
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize
+        found[vi.name] = (int(np.prod(dims, dtype=object)) * itemsize, dims)
+    sizes = [found.get(f"out{k}", (None, None)) for k in range(len(node.outputs))]
+    return sizes if any(b is not None for b, _ in sizes) else None
+
+
+def _format_bytes(n: float) -> str:
+    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+_quiet = {"depth": 0}
+_quiet_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _quiet_ort():
+    """ORT's default logger at FATAL while gs folds: its sessions take no options, and a
+    partition it fails to evaluate (we report skips ourselves) would print ORT's error lines to
+    stderr. Nested and concurrent folds share one setting; the last restores ORT's default
+    (WARNING). The compiler's own sessions set their own level (``sessions.make_session``)."""
+    import onnxruntime as ort
+
+    with _quiet_lock:
+        if _quiet["depth"] == 0:
+            ort.set_default_logger_severity(4)
+        _quiet["depth"] += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet["depth"] -= 1
+            if _quiet["depth"] == 0:
+                ort.set_default_logger_severity(2)
 
 
 def correct_output_shapes(graph: Graph, result: PassResult) -> int:
