@@ -420,7 +420,7 @@ class _Page:
     def _sized(v: Any, key: str, unit: str) -> str:
         text = fmt_num(v) + (" B" if unit == "B" else "")
         hint = human(v, unit)
-        return (f'<td data-key="{esc(key)}" data-value="{jv(v)}" data-sort="{jv(v)}">{esc(text)}'
+        return (f'<td class="n" data-sort="{jv(v)}"><span data-key="{esc(key)}" data-value="{jv(v)}">{esc(text)}</span>'
                 f'<small>{esc(hint) if hint != fmt_num(v) else ""}</small></td>')
 
     def fidelity(self) -> str:
@@ -701,7 +701,7 @@ h3 small { font-weight: normal; color: var(--muted); }
 @media (max-width: 900px) { .two { grid-template-columns: 1fr; } }
 table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
 th, td { text-align: left; padding: 3px 8px; border-bottom: 1px solid var(--line); vertical-align: top; }
-td[data-value] { text-align: right; white-space: nowrap; }
+td[data-value], td.n { text-align: right; white-space: nowrap; }
 td small { display: block; color: var(--muted); font-size: 11px; }
 thead th { background: #eef1f6; font-weight: 600; }
 table.num thead th:not(:first-child) { text-align: right; }
