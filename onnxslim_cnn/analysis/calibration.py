@@ -18,8 +18,13 @@ little about a trained model's real activations):
 
 Real samples come from an ``.npz`` (here) or a folder of images (``analysis/images.py``). Every
 array is checked: finite values only, at least one sample, the model's ranks, fixed dims and
-element kinds; an ``.npz`` is read only after its zip members and npy headers were checked
-against the file (no allocation from a header's claim) and against ``MAX_CALIB_BYTES``.
+element kinds (and no array can feed a sequence, map or optional input, or a declared 0-sized
+dim); an ``.npz`` is read only after its zip members and npy headers were checked against the
+file (no allocation from a header's claim) and against ``MAX_CALIB_BYTES``.
+
+Generated or given, samples on which one ORT run over a batch would make a tensor over
+``MAX_RUN_TENSOR_BYTES`` (by static shape inference with the run's input shapes, before any
+run) are refused too: every reference, fidelity and activation run would need that memory.
 
 Held-out split (:func:`split`, used by the pipeline; docs/calibration.md): with ``n >= 16``
 samples and a fraction ``f`` in (0, 0.5], ``k = max(8, round(f * n))`` samples at evenly
@@ -157,31 +162,37 @@ _DRAW_CHUNK = 1 << 22  # elements per float64 draw (32 MiB), so the cap bounds t
 
 def _refuse_unusable_inputs(model: onnx.ModelProto, specs: list[InputSpec]) -> None:
     """One-line refusal for inputs random values cannot stand in for (module docstring)."""
+    _refuse_dataless_inputs(model, specs, "", "the random generator makes tensors only and calibration arrays are "
+                                              "tensors")
     tail = "random calibration cannot stand in for it; give --calib FILE.npz with real inputs"
-    inits = {t.name for t in model.graph.initializer}
-    for vi in model.graph.input:
-        kind = vi.type.WhichOneof("value")
-        if vi.name not in inits and kind not in (None, "tensor_type"):
-            what = {"sequence_type": "a sequence", "map_type": "a map", "optional_type": "an optional",
-                    "sparse_tensor_type": "a sparse tensor"}.get(kind, kind)
-            raise UserError(f"input '{vi.name}' is {what}, not a tensor: the random generator makes tensors only "
-                            "and calibration arrays are tensors")
     integer = {s.name for s in specs if np.issubdtype(s.dtype, np.integer)}
     for node in model.graph.node:
         for pos in SHAPE_OPERANDS.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ():
             if pos < len(node.input) and node.input[pos] in integer:
                 raise UserError(f"input '{node.input[pos]}' is a shape operand (input {pos} of {node.op_type} "
                                 f"'{node.name or node.output[0]}'): {tail}")
-    for s in specs:
-        zero = [axis for axis, d in enumerate(s.dims) if isinstance(d, int) and d == 0]
-        if zero:
-            raise UserError(f"input '{s.name}' declares a 0-sized dimension at axis {zero[0]} (shape {s.dims}): "
-                            "it holds no data, so there is nothing to calibrate or measure on")
     fixed = {s.name: b for s in specs if (b := _fixed_batch(s)) is not None}
     if len(set(fixed.values())) > 1:  # runs of one batch would cut the others' axis 0
         dims = ", ".join(f"{n} {b}" for n, b in fixed.items())
         raise UserError(f"the inputs' fixed first dims differ ({dims}): there is no common sample axis to stack "
                         "calibration samples on")
+
+
+def _refuse_dataless_inputs(model: onnx.ModelProto, specs: list[InputSpec], prefix: str, why_not: str) -> None:
+    """Inputs no calibration array can feed (generated or given): a sequence, map or optional
+    input, or a declared 0-sized dim. ``prefix`` starts the message ("FILE: model input")."""
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        kind = vi.type.WhichOneof("value")
+        if vi.name not in inits and kind not in (None, "tensor_type"):
+            what = {"sequence_type": "a sequence", "map_type": "a map", "optional_type": "an optional",
+                    "sparse_tensor_type": "a sparse tensor"}.get(kind, kind)
+            raise UserError(f"{prefix}input '{vi.name}' is {what}, not a tensor: {why_not}")
+    for s in specs:
+        zero = [axis for axis, d in enumerate(s.dims) if isinstance(d, int) and d == 0]
+        if zero:
+            raise UserError(f"{prefix}input '{s.name}' declares a 0-sized dimension at axis {zero[0]} (shape {s.dims}): "
+                            "it holds no data, so there is nothing to calibrate or measure on")
 
 
 def random_inputs(model: onnx.ModelProto, *, samples: int = 8, seed: int = 0,
@@ -332,6 +343,7 @@ def from_arrays(arrays: "dict[str, np.ndarray]", model: onnx.ModelProto, label: 
     """
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
     specs = graph_inputs(model)
+    _refuse_dataless_inputs(model, specs, f"{label}: model ", "calibration arrays are tensors")
     names = [s.name for s in specs]
     missing = [n for n in names if n not in arrays]
     if missing:

@@ -118,6 +118,21 @@ def test_a_pass_that_needs_data_is_refused(case, tmp_path, capfd):
     assert refused([src, out, "--passes", "q8", "--calib", "random"], capfd, out) == why
 
 
+def test_real_arrays_cannot_feed_them_either(tmp_path, capfd):
+    """A sequence input or a declared 0-sized dim: given arrays are refused as well (a 0-batch
+    input fed 4 samples was an ORT error, exit 1)."""
+    out = tmp_path / "out.onnx"
+    npz = tmp_path / "x.npz"
+    np.savez(npz, x=np.ones((4, 3, 8, 8), np.float32), s=np.ones((2, 4), np.float32))
+    src = _save(tmp_path, relu_model([0, 3, 8, 8]))
+    assert refused([src, out, "--calib", npz], capfd, out) == (
+        f"{npz}: model input 'x' declares a 0-sized dimension at axis 0 (shape [0, 3, 8, 8]): it holds no data, so "
+        "there is nothing to calibrate or measure on")
+    src = _save(tmp_path, sequence_input_model(), "seq.onnx")
+    assert refused([src, out, "--calib", npz], capfd, out) == (
+        f"{npz}: model input 's' is a sequence, not a tensor: calibration arrays are tensors")
+
+
 def test_huge_declared_dims_are_refused_before_allocating():
     m = relu_model(["N", 300000, 300000])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

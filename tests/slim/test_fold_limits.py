@@ -74,6 +74,29 @@ def test_node_over_the_limit_is_never_evaluated(evaluated):
     assert_same_outputs(m, folded, {"x": np.ones((1, 4), np.float32)})
 
 
+@pytest.mark.parametrize("op", ["Expand", "Tile", "Range"])
+def test_other_value_sized_ops(op, evaluated):
+    """4 MiB from tiny constants: Expand to [1024, 1024], Tile of [1, 1024] by [1024, 1], Range to 2**20."""
+    if op == "Expand":
+        node, inits = h.make_node("Expand", ["v", "shape"], ["big"], name="big"), [
+            init("v", np.ones(1, np.float32)), init("shape", np.array([1024, 1024], np.int64))]
+    elif op == "Tile":
+        node, inits = h.make_node("Tile", ["v", "reps"], ["big"], name="big"), [
+            init("v", np.ones((1, 1024), np.float32)), init("reps", np.array([1024, 1], np.int64))]
+    else:
+        node, inits = h.make_node("Range", ["start", "limit", "delta"], ["big"], name="big"), [
+            init("start", np.float32(0)), init("limit", np.float32(1 << 20)), init("delta", np.float32(1))]
+    m = make_model([node, h.make_node("ReduceSum", ["big"], ["s"], keepdims=0), h.make_node("Add", ["x", "s"], ["y"])],
+                   [vi("x", [1, 4])], [vi("y", [1, 4])], inits)
+    out, result = _slim(m, fold_size_limit_mb=1)
+    assert not any(op in ops for ops in evaluated)
+    assert [n.op_type for n in out.graph.node] == [op, "ReduceSum", "Add"]
+    assert [s["item"] for s in result.skipped] == ["big"] and "would take 4.0 MiB" in result.skipped[0]["reason"]
+    folded, result = _slim(m)
+    assert [n.op_type for n in folded.graph.node] == ["Add"]
+    assert_same_outputs(m, folded, {"x": np.ones((1, 4), np.float32)})
+
+
 def test_shape_from_folded_nodes(evaluated):
     """The shape comes from Concat of constants: the size is known from data propagation (or once
     the Concat is folded), so the big node is still never evaluated and a small one folds."""
