@@ -604,7 +604,7 @@ class _Page:
                 f"<th>before</th><th>after</th></tr></thead><tbody>{body}</tbody></table></section>")
 
     def table(self) -> str:
-        rows = []
+        rows, dash = [], '<td data-sort="">-</td>'
         for c in self.changes:
             details = "; ".join(f"{k}={fmt_num(v) if is_num(v) else v}" for k, v in c["details"].items())
             pairs = c["pairs"] or [(None, None, None)]
@@ -614,9 +614,9 @@ class _Page:
                     f'<tr data-pass="{esc(c["pass"])}" data-layer="{esc(c["layer"])}" data-measure="{esc(name or "")}">'
                     f'<td>{esc(c["layer"])}</td><td>{esc(c["pass"])}</td><td>{esc(c["action"])}</td>'
                     f'<td>{esc((name or "-").replace("_", " "))}</td>'
-                    f'{fig(b, "before", tag="td") if name else "<td data-sort=>-</td>"}'
-                    f'{fig(a, "after", tag="td") if name else "<td data-sort=>-</td>"}'
-                    f'{fig(r, "ratio", "-" if r is None else f"{r:.3f}", "td") if name else "<td data-sort=>-</td>"}'
+                    f'{fig(b, tag="td") if name else dash}'
+                    f'{fig(a, tag="td") if name else dash}'
+                    f'{fig(r, None, "-" if r is None else f"{r:.3f}", "td") if name else dash}'
                     f"<td>{esc(details)}</td></tr>")
         for p in self.d.get("passes") or []:
             for s in p.get("skipped") or []:
@@ -642,6 +642,7 @@ class _Page:
                          f'<small>{esc(p.get("status"))}'
                          f'{f", {secs:.2f} s" if is_num(secs) else ""}, {esc(p.get("nodes_after"))} nodes after, '
                          f'{len(p.get("changes") or [])} changes, {len(p.get("skipped") or [])} skipped</small></h3>'
+                         + (f'<p class="opts"><b>options</b> {esc(_compact(p.get("options")))}</p>' if p.get("options") else "")
                          + (f'<table class="kv">{stats}</table>' if stats else "<p class=muted>no statistics</p>")
                          + "</div>")
         if not items:
@@ -712,7 +713,8 @@ tr.skipped td { color: var(--muted); }
 tr.changed td { font-weight: 600; }
 #layer-table { font-size: 12.5px; }
 #layer-table td:last-child { word-break: break-word; }
-table.kv th { width: 30%; font-weight: 500; color: var(--muted); }
+table.kv th { width: 16em; font-weight: 500; color: var(--muted); }
+table.ops { width: auto; min-width: 40%; }
 table.kv td { word-break: break-word; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; }
 td.prec.int8 { color: var(--s1); font-weight: 600; } td.prec.float { color: var(--warn); font-weight: 600; }
 .warn-list li { color: var(--warn); margin: 2px 0; }
@@ -721,6 +723,7 @@ svg.chart text { font-size: 11px; fill: var(--fg); }
 svg.chart text.value, svg.chart text.legend { fill: var(--muted); }
 svg.chart .s0 { fill: var(--s0); } svg.chart .s1 { fill: var(--s1); }
 svg.chart line.marker { stroke: var(--bad); stroke-dasharray: 4 3; stroke-width: 1.2; }
+p.opts { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; word-break: break-word; margin: 2px 0 6px; }
 footer { color: var(--muted); font-size: 12px; margin-top: 20px; }
 @media print {
   @page { margin: 12mm; }

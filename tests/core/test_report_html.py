@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -119,6 +120,9 @@ class Dom(HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
+        raw = self.get_starttag_text() or ""
+        if re.search(r"\s[\w:-]+=(?=[\s>/])", raw) or len(a) != len(attrs):
+            self.errors.append(f"missing or repeated attribute in {raw[:80]}")
         if "id" in a:
             self.ids.append(a["id"])
         for k, v in attrs:
@@ -191,8 +195,6 @@ def value(dom: Dom, key: str):
 
 def shown_number(text: str) -> float:
     """The number a cell shows ("1,421,527 B" -> 1421527, "0.510×" -> 0.51)."""
-    import re
-
     m = re.search(r"-?[\d,]*\.?\d+(?:e[-+]?\d+)?", text.replace("\u2212", "-"))
     assert m, text
     return float(m.group(0).replace(",", ""))
