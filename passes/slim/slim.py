@@ -149,7 +149,7 @@ def fold_constants(graph: Graph, result: PassResult, size_limit: int,
 # bounded before evaluation, so they wait for their inputs to be constants and their shape known.
 SIZE_FROM_VALUES = frozenset({"ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Upsample", "Pad",
                               "OneHot", "CenterCropPad", "Col2Im", "MaxUnpool"})
-_TINY_CONSTANT = 1 << 16  # elements: constants copied into the one-node inference model
+_TINY_CONSTANT_BYTES = 1 << 19  # constants copied by value into the one-node inference model
 
 
 def fold_blocker(node: gs.Node, size_limit: int, opsets: "list | None" = None) -> "str | None":
@@ -186,8 +186,9 @@ def _tensor_bytes(t: gs.Tensor) -> "int | None":
 
 
 def _infer_one(node: gs.Node, opsets: "list | None") -> "list[tuple] | None":
-    """(bytes, dims) of each output of ``node`` (None, None where unknown) alone from ONNX shape inference (with data propagation) on a
-    one-node model of its constant inputs (small ones by value, large ones by type), or None."""
+    """(bytes, dims) of each output of ``node`` ((None, None) where unknown) from ONNX shape
+    inference with data propagation on a one-node model of its constant inputs (those up to
+    ``_TINY_CONSTANT_BYTES`` by value, larger ones by type only), or None when nothing is known."""
     try:
         ins, graph_inputs = [], []
         for i, t in enumerate(node.inputs):
@@ -195,7 +196,7 @@ def _infer_one(node: gs.Node, opsets: "list | None") -> "list[tuple] | None":
                 ins.append(gs.Variable.empty())
                 continue
             size = _tensor_bytes(t)
-            if size is not None and size <= _TINY_CONSTANT * 8:
+            if size is not None and size <= _TINY_CONSTANT_BYTES:
                 ins.append(gs.Constant(f"in{i}", np.asarray(t.values)))
             else:
                 v = gs.Variable(f"in{i}", dtype=t.dtype, shape=list(t.shape) if t.shape is not None else None)

@@ -13,7 +13,6 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
