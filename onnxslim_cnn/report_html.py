@@ -349,7 +349,7 @@ class _Page:
         else:
             lines.append('<p class="big">Fidelity not measured</p>')
         if where:
-            lines.append(f'<p class="muted">measured on {esc(where)}</p>')
+            lines.append(f'<p class="muted">fidelity data: {esc(where)}</p>')
         if problems:
             cls = "bad"
             lines.append('<p class="big">The run did not do all it was asked to:</p><ul>'
