@@ -139,16 +139,57 @@ def kernel_stats(model_path: str, work_dir: str) -> dict:
 def _tool_input(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model as ORT's quantizer needs it: weights held in Constant nodes (Paddle exports keep
     every weight there) become initializers, or the tool quantizes them as activations; weights
-    stored sparse (the sparse pass) become dense, which the tool cannot read otherwise. The
-    input is not modified; without either, it is returned as it is."""
+    stored sparse (the sparse pass) become dense, which the tool cannot read otherwise; IR < 4
+    becomes IR 4. The input is not modified; without any of these, it is returned as it is.
+
+    Why IR 4: IR < 4 requires every initializer among the graph inputs, and the tool adds
+    initializers that are not (the Reshape shapes and Reduce axes of its augmented calibration
+    model, the scales and zero points of its output): ORT then refuses to load the augmented
+    model ("initializer_arg was false ... Missing: <uuid>", PyTorch's old exports such as the
+    onnx backend test models pytorch-converted/test_ELU), and the checker rejects the output
+    ("0_zero_point in initializer but not in graph input"). Turning Constant nodes into
+    initializers has the same problem. The initializers an IR 3 model lists as inputs are
+    taken out of them (ORT would not treat them as constants) and listed again in the output
+    where they are still there (:func:`_relist_inputs`)."""
     g = model.graph
-    if not g.sparse_initializer and not any(n.op_type == "Constant" and n.domain in ("", "ai.onnx") for n in g.node):
+    old_ir = model.ir_version < 4
+    if not old_ir and not g.sparse_initializer and \
+            not any(n.op_type == "Constant" and n.domain in ("", "ai.onnx") for n in g.node):
         return model
     work = onnx.ModelProto()
     work.CopyFrom(model)
+    if old_ir:
+        work.ir_version = 4
+        weights = {t.name for t in work.graph.initializer}
+        inputs = [i for i in work.graph.input if i.name not in weights]
+        del work.graph.input[:]
+        work.graph.input.extend(inputs)
     constants_to_initializers(work)
     densify(work)
     return work
+
+
+def _relist_inputs(source: onnx.ModelProto, out: onnx.ModelProto) -> None:
+    """List again, in ``source``'s order, the graph inputs of ``source`` that are initializers
+    there and still are in ``out``: slim (fold_bn) and the tool drop initializers from the
+    inputs, which an IR < 4 model lists them among. A weight the tool replaced by its int8
+    copy is gone and stays so."""
+    listed = {i.name: i for i in out.graph.input}
+    src_inits = {t.name for t in source.graph.initializer}
+    out_inits = {t.name for t in out.graph.initializer}
+    if not any(i.name in src_inits and i.name not in listed and i.name in out_inits for i in source.graph.input):
+        return
+    inputs = []
+    for i in source.graph.input:
+        if i.name in listed:
+            inputs.append(listed.pop(i.name))
+        elif i.name in src_inits and i.name in out_inits:
+            vi = onnx.ValueInfoProto()
+            vi.CopyFrom(i)
+            inputs.append(vi)
+    inputs += listed.values()
+    del out.graph.input[:]
+    out.graph.input.extend(inputs)
 
 
 def _name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -178,15 +219,120 @@ class _NoPreprocessingHint(logging.Filter):
         return "pre-processing before quantization" not in record.getMessage()
 
 
+class ToolError(RuntimeError):
+    """ORT's quantization tool itself failed (its message, one line): the model, or some node of
+    it, is beyond what the tool handles; not a bug of this pass."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
+
+
 def quantize_with_ort(model: onnx.ModelProto, o: Q8Options, ctx: PassContext, exclude: "list[str]",
                       dst: str, tmp: str) -> None:
-    """Write ``model`` quantized by ORT's tool (``o``'s set-up, ``exclude`` kept float) to ``dst``."""
+    """Write ``model`` quantized by ORT's tool (``o``'s set-up, ``exclude`` kept float) to ``dst``.
+    Raises :class:`ToolError` where the tool fails."""
+    import onnxruntime as ort
+
     hint = _NoPreprocessingHint()
     logging.getLogger().addFilter(hint)
+    # The tool's sessions log warnings on stderr (unused initializers it added itself): errors only.
+    ort.set_default_logger_severity(3)
     try:
         _quantize_with_ort(model, o, ctx, exclude, dst, tmp)
     finally:
+        ort.set_default_logger_severity(2)
         logging.getLogger().removeFilter(hint)
+
+
+# Tool runs the search for nodes to leave float may take (each calibrates once).
+_MAX_TOOL_RUNS = 32
+
+
+def quantize_leaving_out(model: onnx.ModelProto, o: Q8Options, ctx: PassContext, keep: "list[str]",
+                         dst: str, tmp: str) -> "tuple[list[tuple[str, str]], str | None]":
+    """Quantize with ORT's tool as :func:`quantize_with_ort`, leaving float the nodes it fails on.
+
+    Returns ``(left_out, None)`` with ``dst`` written, ``left_out`` the ``(node, reason)`` pairs
+    kept float besides ``keep`` (empty when the tool ran at once), or ``([], reason)`` when the
+    tool fails even with every node left float (nothing can be quantized; ``dst`` not written).
+
+    Where the tool fails: first the nodes its message names are left float; else a bisection in
+    graph order finds a node whose quantization breaks it (quantizing the nodes before it
+    works, adding it fails), which is left float, and so on until the tool runs. Past
+    ``_MAX_TOOL_RUNS`` runs, every node of the op types found so far is left float; failing
+    that too, nothing is quantized.
+    """
+    try:
+        quantize_with_ort(model, o, ctx, keep, dst, tmp)
+        return [], None
+    except ToolError as exc:
+        first = str(exc)
+    runs = [1]
+
+    def attempt(extra: "list[str]") -> "str | None":
+        runs[0] += 1
+        try:
+            quantize_with_ort(model, o, ctx, list(keep) + [n for n in extra if n not in keep], dst, tmp)
+            return None
+        except ToolError as exc:
+            return str(exc)
+
+    nodes = [n for n in model.graph.node if n.name not in keep and n.op_type != "Constant"]
+    names = [n.name for n in nodes]
+    if not names:
+        return [], first
+    # What can be quantized at all: with every node float the tool must run (it then inserts
+    # nothing), else the failure is not a node's and nothing can be quantized.
+    if attempt(names) is not None:
+        return [], first
+    named = _named_in(first, names)
+    if named and attempt(named) is None:
+        return [(n, first) for n in named], None
+
+    left: "list[tuple[str, str]]" = []
+    error = first
+    while error is not None:
+        rest = [n for n in names if n not in {x for x, _ in left}]
+        if runs[0] >= _MAX_TOOL_RUNS or not rest:
+            break
+        # Invariant: quantizing rest[:lo] works, quantizing rest[:hi] fails (with `why`).
+        lo, hi, why = 0, len(rest), error
+        while hi - lo > 1 and runs[0] < _MAX_TOOL_RUNS:
+            mid = (lo + hi) // 2
+            failed = attempt([x for x, _ in left] + rest[mid:])
+            if failed is None:
+                lo = mid
+            else:
+                hi, why = mid, failed
+        if hi - lo > 1:
+            break  # out of runs mid-search
+        left.append((rest[hi - 1], why))
+        error = attempt([x for x, _ in left])
+    if error is None:
+        return left, None
+    # Out of runs: leave float every node of the op types found so far, then give up.
+    types = {n.op_type for n in nodes if n.name in {x for x, _ in left}}
+    by_type = [n.name for n in nodes if n.op_type in types]
+    if by_type and attempt(by_type) is None:
+        reasons = dict(left)
+        return [(n, reasons.get(n, f"op type {t} left float: the tool failed on nodes of it ({first})"))
+                for n, t in ((m.name, m.op_type) for m in nodes if m.name in by_type)], None
+    return [], first
+
+
+def _named_in(message: str, names: "list[str]") -> "list[str]":
+    """The node names that ``message`` mentions as names (quoted, or a whole word of 3+ characters)."""
+    import re
+
+    out = []
+    for name in names:
+        quoted = any(f"{q}{name}{q}" in message for q in ("'", '"', "`"))
+        word = len(name) >= 3 and re.search(rf"(?<![\w./-]){re.escape(name)}(?![\w./-])", message)
+        if quoted or word:
+            out.append(name)
+    return out
 
 
 def _quantize_with_ort(model: onnx.ModelProto, o: Q8Options, ctx: PassContext, exclude: "list[str]",
@@ -203,8 +349,13 @@ def _quantize_with_ort(model: onnx.ModelProto, o: Q8Options, ctx: PassContext, e
     save_model(model, src)
     big = needs_external_data(model)  # the tool then writes its output with external data too
     if o.dynamic:
-        quantize_dynamic(src, dst, per_channel=o.per_channel, weight_type=QuantType.QInt8,
-                         nodes_to_exclude=list(exclude) or None, use_external_data_format=big)
+        try:
+            quantize_dynamic(src, dst, per_channel=o.per_channel, weight_type=QuantType.QInt8,
+                             nodes_to_exclude=list(exclude) or None, use_external_data_format=big)
+        except (MemoryError, RecursionError):
+            raise
+        except Exception as exc:
+            raise ToolError(_one_line(exc)) from exc
         return
     tool_out = os.path.join(tmp, "tool_q8.onnx") if exclude else dst
     calib = ctx.calibration
@@ -214,12 +365,18 @@ def _quantize_with_ort(model: onnx.ModelProto, o: Q8Options, ctx: PassContext, e
     extra = {"WeightSymmetric": True, "ActivationSymmetric": o.activations == "int8"}
     if o.calibration == "mse":
         extra["TensorQuantOverrides"] = _mse_overrides(model, calib, ctx)
-    quantize_static(src, tool_out, _Reader(calib.inputs, calib.batch).reader,
-                    quant_format=QuantFormat.QDQ, per_channel=o.per_channel,
-                    activation_type=act, weight_type=QuantType.QInt8,
-                    nodes_to_exclude=list(exclude) or None, use_external_data_format=big,
-                    calibrate_method=method, op_types_to_quantize=_WEIGHTED if o.quantize_ops == "weighted" else None,
-                    extra_options=extra)
+    try:
+        quantize_static(src, tool_out, _Reader(calib.inputs, calib.batch).reader,
+                        quant_format=QuantFormat.QDQ, per_channel=o.per_channel,
+                        activation_type=act, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=list(exclude) or None, use_external_data_format=big,
+                        calibrate_method=method,
+                        op_types_to_quantize=_WEIGHTED if o.quantize_ops == "weighted" else None,
+                        extra_options=extra)
+    except (MemoryError, RecursionError):
+        raise
+    except Exception as exc:
+        raise ToolError(_one_line(exc)) from exc
     if exclude:
         from .mixed import float_islands
 
@@ -324,6 +481,7 @@ class Q8Pass(ModelPass):
                 raise UserError(f"q8: cannot upgrade opset {opset} to 13 for per-channel quantization: "
                                 f"{str(exc).strip().splitlines()[0]}") from None
             result.stats["opset_upgraded"] = f"{opset}->13"
+            model.ir_version = max(model.ir_version, 7)  # opset 13 came with IR 7
 
         if o.fuse_hardswish:
             from .fuse import fuse_hardswish
@@ -369,12 +527,38 @@ class Q8Pass(ModelPass):
         q_before = sum(n.op_type == "QuantizeLinear" for n in model.graph.node)
         dq_before = sum(n.op_type == "DequantizeLinear" for n in model.graph.node)
         with tempfile.TemporaryDirectory(prefix="onnxslim_q8_") as tmp:
+            dst = os.path.join(tmp, "q8.onnx")
+
+            def leave_out_failing(keep: "list[str]") -> "list[str] | None":
+                """``keep`` plus the nodes the tool fails on (each a skip with the tool's reason),
+                ``dst`` written; None (a skip with the reason) when nothing can be quantized."""
+                left, failure = quantize_leaving_out(model, o, ctx, keep, dst, tmp)
+                if failure is not None:
+                    result.skip("model", "ONNX Runtime's quantization tool fails on this model even with every "
+                                         f"node left float, nothing quantized: {failure}")
+                    return None
+                for name, why in left:
+                    result.skip(name, f"left float: ONNX Runtime's quantization tool fails when it is quantized "
+                                      f"({why})")
+                if left:
+                    result.stats.setdefault("tool_left_float", []).extend(n for n, _ in left)
+                return keep + [n for n, _ in left if n not in keep]
+
             if "auto" in o.keep_float and not o.dynamic:
                 from .mixed import choose_float_layers
 
-                chosen, report = choose_float_layers(
-                    model, lambda m, excl, dst: quantize_with_ort(m, o, ctx, excl, dst, tmp),
-                    ctx.calibration, keep, o.budget_cosine, o.max_float_layers, tmp, o.sensitivity_samples)
+                def choose(keep):
+                    return choose_float_layers(
+                        model, lambda m, excl, dst: quantize_with_ort(m, o, ctx, excl, dst, tmp),
+                        ctx.calibration, keep, o.budget_cosine, o.max_float_layers, tmp, o.sensitivity_samples)
+
+                try:
+                    chosen, report = choose(keep)
+                except ToolError:
+                    keep = leave_out_failing(keep)
+                    if keep is None:
+                        return result
+                    chosen, report = choose(keep)
                 result.stats["mixed_precision"] = report
                 for name in chosen:
                     if name in report["sensitivity"]:
@@ -385,13 +569,15 @@ class Q8Pass(ModelPass):
                 keep = keep + [n for n in chosen if n not in keep]
             elif "auto" in o.keep_float:
                 result.skip("model", "keep_float=auto: needs static quantization (dynamic=true)")
-            dst = os.path.join(tmp, "q8.onnx")
-            quantize_with_ort(model, o, ctx, keep, dst, tmp)
+            keep = leave_out_failing(keep)
+            if keep is None:
+                return result
             if o.refit_weights and not o.dynamic:
                 _refit(reference, dst, o, ctx, result)
             elif o.refit_weights:
                 result.skip("model", "refit_weights: needs static quantization (dynamic=true)")
             quantized = onnx.load(dst)
+            _relist_inputs(source, quantized)
             # The tool's intermediate shapes, as the Graph export used to drop them: a later pass
             # re-infers shapes, and stale value_info is what a rewrite must not leave behind.
             del quantized.graph.value_info[:]
