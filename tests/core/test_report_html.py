@@ -400,19 +400,53 @@ def test_layer_names_are_escaped():
 
 @pytest.mark.corpus
 def test_ppocr_page_equals_json_report(corpus_paths, tmp_path):
-    """A PP-OCR run (the direction classifier, calibrated on 32 rendered text lines)."""
+    """A PP-OCR run (the direction classifier, calibrated on 32 rendered text lines): the page
+    of its JSON report. (The digits tests cover --report FILE.html itself.)"""
     chromium()
     pytest.importorskip("PIL", reason="the PP-OCR calibration lines are rendered with Pillow")
     from onnxslim_cnn.models import tasks
 
     calib = tmp_path / "calib.npz"
     np.savez(calib, **tasks.sample_inputs("ppocr_cls_v2", n=32))
-    base = [corpus_paths["ppocr_cls_v2"], tmp_path / "out.onnx", "--passes", "prune,svd,q8", "--calib", calib]
-    cli(*base, "--report", tmp_path / "r.json")
-    cli(*base, "--report", tmp_path / "r.html")
+    cli(corpus_paths["ppocr_cls_v2"], tmp_path / "out.onnx", "--passes", "prune,svd,q8", "--calib", calib,
+        "--report", tmp_path / "r.json")
     d = json.loads((tmp_path / "r.json").read_text())
+    (tmp_path / "r.html").write_text(render_html(d))  # the page of the saved JSON (one run, not two)
     dom = parse(dump_dom(tmp_path / "r.html", tmp_path))
     check_page(dom, d, bench=False)
     assert len(dom.rows) > 20
     assert page_requests(tmp_path / "r.html", tmp_path) == []
     screenshot(tmp_path / "r.html", tmp_path, "report_ppocr_cls", height=3200)
+
+
+def test_sparsity_error_and_q8_reasons_charted_from_generic_keys():
+    """No pass is known by name except q8's decision table: sparsity from ``sparsity`` or
+    ``zeros``/``total``, error figures from their names, q8 reasons from its changes and options."""
+    stats = {"params": 100, "file_bytes": 400, "macs": 50, "macs_by_op": {"Conv": 50}, "nodes": 3,
+             "op_counts": {"Conv": 2}}
+    d = {"input": stats, "output": stats, "calibration": "x", "warnings": [], "problems": [],
+         "fidelity": None, "fidelity_data": None, "latency": None,
+         "passes": [
+             {"name": "sparsify", "options": {}, "changed": True, "stats": {}, "skipped": [], "seconds": 0,
+              "status": "ok", "nodes_after": 3,
+              "changes": [{"item": "c1", "action": "sparsified", "zeros": 5, "total": 10, "sparsity": 0.5,
+                           "search_error": 0.01}]},
+             {"name": "share", "options": {}, "changed": True, "stats": {}, "skipped": [], "seconds": 0,
+              "status": "ok", "nodes_after": 3,
+              "changes": [{"item": "c2", "action": "shared", "bits": 4, "zeros": 1, "total": 4, "rel_error": 0.2}]},
+             {"name": "q8", "options": {"exclude": ["c3"], "keep_float": []}, "changed": True, "seconds": 0,
+              "status": "ok", "nodes_after": 3, "skipped": [],
+              "stats": {"float_layers": ["c1", "c3", "r1"], "int8_kernels": 1,
+                        "mixed_precision": {"sensitivity": {"c1": 0.02, "c2": 0.001}, "budget_cosine": 0.99}},
+              "changes": [{"item": "c1", "action": "kept_float", "sensitivity": 0.02, "reason": "most sensitive"},
+                          {"item": "model", "action": "quantized"}]}]}
+    dom = parse(render_html(d))
+    assert not dom.errors
+    text = render_html(d)
+    assert 'data-chart="sparsity"' in text and 'data-row="c1" data-series="sparsity" data-value="0.5"' in text
+    assert 'data-row="c2" data-series="sparsity" data-value="0.25"' in text
+    assert 'data-chart="share.rel_error"' in text and 'data-chart="sparsify.search_error"' in text
+    rows = {r["data-layer"]: r["data-precision"] for r in dom.q8}
+    assert rows == {"c1": "float", "c3": "float", "r1": "float", "c2": "int8"}
+    assert "most sensitive" in text and "named by the exclude / keep_float option" in text
+    assert "fused to (activation)" in text
