@@ -178,7 +178,7 @@ class Progress:
             return "ETA unknown" if done < total else ""
         if done > 0 and now - step_start > (step_start - self._start) / done:
             # this step already runs longer than the mean: only the steps after it are estimated
-            return f"ETA over {format_seconds(eta)}"
+            return f"ETA over {format_seconds(eta)}" if done < total - 1 else "ETA unknown (longer than the mean step)"
         return f"ETA {format_seconds(eta)}"
 
     def _line(self, now: float, running: bool) -> str:

@@ -111,7 +111,17 @@ def test_heartbeat_line_while_one_step_runs_long():
     clock.t += 30  # q8 runs longer than share did: the ETA is a lower bound
     p._tick()
     assert out.getvalue().splitlines()[-1] == ("onnxslim: step 2/2 q8, running for 30.0s, elapsed 52.0s, "
-                                               "ETA over 0.0s")
+                                               "ETA unknown (longer than the mean step)")
+
+
+def test_eta_is_a_lower_bound_once_a_step_outruns_the_mean():
+    p, clock, out = lines_printer(interval=10, quiet_for=0)
+    p(0, 3, "prune")
+    clock.t += 10
+    p(1, 3, "svd")
+    clock.t += 25  # svd: 25 s, the mean step 10 s; the q8 after it is still estimated at 10 s
+    p._tick()
+    assert out.getvalue().splitlines()[-1].endswith("running for 25.0s, elapsed 35.0s, ETA over 10.0s")
 
 
 def test_heartbeat_thread_writes_and_stops_on_close():
