@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", type=float, metavar="FRACTION",
                    help="share of the calibration samples no pass fits on, for the report's fidelity "
                         "(default 0.25, at least 8 when there are 16 or more samples; 0 = none; at most 0.5)")
+    p.add_argument("--budget", metavar="cosine=C,top1=T[,rel_error=E]|off",
+                   help="accuracy budget the lossy passes share, checked on the held-out samples: least output "
+                        "cosine, least top-1 agreement (classifier outputs), largest relative error (default "
+                        "cosine=0.99,top1=0.99; 'off' runs the passes exactly as configured). Missed: exit 3")
     p.add_argument("--input-shape", dest="input_shapes", action="append", default=[], metavar="NAME=D0,D1,...",
                    help="concrete shape for an input with dynamic dims (for random calibration and MACs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random calibration generator (default 0)")
@@ -172,7 +176,7 @@ def run(argv: "list[str] | None" = None) -> int:
 
 
 def _calibration_args(args: argparse.Namespace) -> dict:
-    """--preprocess and --heldout, each over the recipe's ``calibration`` block."""
+    """--preprocess, --heldout and --budget, each over the recipe's ``calibration`` block."""
     from .options import recipe_calibration
 
     out = recipe_calibration(args.recipe) if args.recipe else {}
@@ -180,6 +184,8 @@ def _calibration_args(args: argparse.Namespace) -> dict:
         out["preprocess"] = args.preprocess
     if args.heldout is not None:
         out["heldout"] = args.heldout
+    if args.budget is not None:
+        out["budget"] = args.budget
     return out
 
 

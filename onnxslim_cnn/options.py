@@ -211,7 +211,7 @@ def _read_recipe(path: "str | Path") -> "tuple[Path, dict]":
     return path, data
 
 
-RECIPE_CALIBRATION_KEYS = ("preprocess", "heldout")
+RECIPE_CALIBRATION_KEYS = ("preprocess", "heldout", "budget")
 
 
 def recipe_calibration(path: "str | Path") -> dict[str, Any]:
@@ -220,7 +220,8 @@ def recipe_calibration(path: "str | Path") -> dict[str, Any]:
     path, data = _read_recipe(path)
     block = data.get("calibration") or {}
     if not isinstance(block, dict) or set(block) - set(RECIPE_CALIBRATION_KEYS):
-        raise UserError(f"{path}: 'calibration' is a mapping with keys {' and '.join(map(repr, RECIPE_CALIBRATION_KEYS))}")
+        keys = list(map(repr, RECIPE_CALIBRATION_KEYS))
+        raise UserError(f"{path}: 'calibration' is a mapping with keys {', '.join(keys[:-1])} and {keys[-1]}")
     return {k: block[k] for k in RECIPE_CALIBRATION_KEYS if block.get(k) is not None}
 
 

@@ -75,6 +75,29 @@ class PassResult:
         self.stats[key] = self.stats.get(key, 0) + n
 
 
+@dataclass(frozen=True)
+class Knob:
+    """How the pipeline's accuracy budget (``onnxslim_cnn/budget.py``) tunes a lossy pass.
+
+    ``option`` is searched over ``ladder`` (strongest cut first; below the last rung the pass is
+    left out), unless the user set it. ``recovery`` are the option values that undo part of the
+    error from real calibration data (prune's reconstruct, svd's data-aware fit, ...): on by
+    default whenever real data is given, each still overridden by an explicit setting.
+    ``target_option`` (q8's ``budget_cosine``) receives the cosine the pass may fall to, for a
+    pass that chooses per layer itself. ``gain`` is what the cut saves: "macs" or "bytes".
+    ``fixed_by``: options that, set by the user, decide the cut instead of ``option``.
+    """
+
+    option: str
+    ladder: tuple
+    recovery: "dict[str, Any]" = field(default_factory=dict)
+    target_option: "str | None" = None
+    gain: str = "macs"
+    # Other options that, when the user sets one, decide the cut instead (svd's rank): the knob
+    # is then left as configured too.
+    fixed_by: tuple = ()
+
+
 class PassContractError(RuntimeError):
     """A pass broke the protocol (changed what it does not declare, or a changed ModelPass
     returned no model): a bug in the pass, handled like a crash."""
@@ -95,6 +118,8 @@ class Pass:
     # fp16, fpga's fixed-point IR): the pipeline refuses to run it without calibration data
     # unless the user asks for random inputs (--calib random). Exact passes (slim, sparse) need none.
     lossy: ClassVar[bool] = False
+    # How the accuracy budget tunes this pass (lossy passes); None: run as configured.
+    budget_knob: ClassVar["Knob | None"] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

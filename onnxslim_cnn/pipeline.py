@@ -18,12 +18,13 @@ from typing import Any, Callable
 import onnx
 
 from .analysis.calibration import DEFAULT_HELDOUT, check_heldout
+from .budget import OFF, Budget, bisect_ladder, rounded, shortfall, spent, within
 from . import workdir
 from .analysis.cost import model_stats, sample_feeds
 from .analysis.fidelity import fidelity as measure_fidelity
 from .analysis.fidelity import latency as measure_latency
 from .analysis.fidelity import reference_outputs
-from .context import PassContext
+from .context import RANDOM, PassContext
 from .errors import UserError
 from .model_io import check_model, load_model
 from .pass_infra import Pass, PassResult, checked_transform, resolve_passes
@@ -34,6 +35,9 @@ from .sessions import make_session
 # Below this cosine similarity to the original outputs the report warns: exact passes stay
 # above 0.999999, and lossy ones that keep accuracy stayed above 0.99 on our benches.
 LOW_COSINE = 0.99
+# Share of the fit samples the accuracy budget keeps for measuring its choices (``ctx.tuning``):
+# the same rule as the held-out split (at least 8, only from 16 samples on).
+TUNING_SHARE = 0.25
 
 
 @dataclass
@@ -65,23 +69,110 @@ def _in_run_folder(fn):
     return wrapper
 
 
+@dataclass
+class _Outcome:
+    """One run of one pass on one model: what it returned and how that went."""
+
+    model: onnx.ModelProto          # the model after the pass (the one it was given when it did nothing)
+    result: PassResult
+    status: str                     # "ok", "failed", "reverted: <why>"
+    session: Any                    # ORT session of ``model`` when the pass changed it
+    seconds: float
+    error: "dict[str, float] | None" = None  # budget terms vs the original on the tuning samples
+
+
+def _run_pass(p: Pass, current: onnx.ModelProto, session: Any, ctx: PassContext) -> _Outcome:
+    """Run ``p`` on ``current``; a crash, a broken contract or an invalid result keeps ``current``."""
+    t0 = time.perf_counter()
+    try:
+        candidate, result = checked_transform(p, current, ctx)
+    except UserError:
+        raise
+    except Exception as exc:
+        # A crashing pass is a bug; the model it was given is still good, so keep it and say so.
+        if os.environ.get("ONNXSLIM_CNN_DEBUG"):
+            raise
+        result, candidate = PassResult(), current
+        result.skip(p.name, f"pass failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+    problem, new_session = validate(candidate) if result.changed else (None, None)
+    failed = bool(result.skipped and result.skipped[-1]["reason"].startswith("pass failed"))
+    status = "failed" if failed else "ok"
+    if problem:
+        # A pass that breaks the model is a bug; the user still gets a valid model.
+        status = f"reverted: {problem}"
+    if result.changed and not problem:
+        return _Outcome(candidate, result, status, new_session, time.perf_counter() - t0)
+    return _Outcome(current, result, status, session, time.perf_counter() - t0)
+
+
+@dataclass
+class _Step:
+    """A pass of the pipeline, with what the budget needs to re-run it at another setting."""
+
+    pass_: Pass
+    user: dict                       # the options the user set (they always win)
+    base: dict                       # user options over the recovery defaults
+    knob: Any = None                 # pass_infra.Knob when the budget tunes this pass
+    rung: "int | None" = None        # chosen index into knob.ladder (len(ladder): left out)
+    before: Any = None               # (model, session, error) the step started from
+    outcome: "_Outcome | None" = None
+    tried: list = None
+    limits: "dict | None" = None
+
+    @property
+    def tuned(self) -> bool:
+        return self.knob is not None
+
+    def make(self, rung: "int | None", limits: "dict | None") -> Pass:
+        if rung is None:
+            return self.pass_
+        opts = dict(self.base)
+        opts[self.knob.option] = self.knob.ladder[rung]
+        if self.knob.target_option and self.knob.target_option not in self.user and limits and "cosine" in limits:
+            opts[self.knob.target_option] = round(max(0.0, 1.0 - limits["cosine"]), 6)
+        return type(self.pass_)(opts)
+
+
+def _steps(pass_objs: list[Pass], names: list, options: dict, real_data: bool, tune: bool) -> list[_Step]:
+    """Recovery on for named lossy passes when real data is given; the knob when it is free."""
+    steps = []
+    for p, given in zip(pass_objs, names):
+        knob = type(p).budget_knob if isinstance(given, str) else None
+        if knob is None:
+            steps.append(_Step(p, {}, {}))
+            continue
+        user = dict(options.get(p.name) or {})
+        base = {**(knob.recovery if real_data else {}), **user}
+        if base != user:
+            p = type(p)(base)
+        free = tune and knob.option not in user and not set(knob.fixed_by) & set(user)
+        steps.append(_Step(p, user, base, knob if free else None))
+    return steps
+
+
 @_in_run_folder
 def run_pipeline(source: "str | onnx.ModelProto", passes: "list[str | Pass] | None" = None, *,
                  options: "dict[str, dict] | None" = None, calib: Any = None,
                  input_shapes: "dict[str, tuple] | None" = None, seed: int = 0,
                  fidelity: bool = True, bench: bool = False,
                  progress: "Callable[[int, int, str], None] | None" = None,
-                 preprocess: Any = None, heldout: "float | None" = None) -> PipelineResult:
+                 preprocess: Any = None, heldout: "float | None" = None,
+                 budget: Any = "default") -> PipelineResult:
     """Load, run ``passes`` in order (default: ``slim``), validate after each, measure, report.
 
     ``calib``: an ``.npz`` path, a folder of images (with ``preprocess``, see
     ``analysis/images.py``), a dict of arrays, or ``"random"`` (the documented generator, asked
     for explicitly); None is allowed only when no pass is lossy. ``heldout``: the share of the
     samples kept out of fitting for the report's fidelity (default 0.25, see ``calibration.split``).
+    ``budget``: the accuracy budget the lossy passes share (``budget.Budget``, its text form
+    ``"cosine=0.99,top1=0.99"``, a dict, or ``"off"``/None to run the passes as configured);
+    default cosine >= 0.99 and top-1 agreement >= 0.99 (see ``onnxslim_cnn/budget.py``).
     """
     from .report import PassRecord, Report
 
-    pass_objs = resolve_passes(list(passes) if passes else ["slim"], options)
+    target = Budget() if isinstance(budget, str) and budget == "default" else Budget.parse(budget)
+    names = list(passes) if passes else ["slim"]
+    pass_objs = resolve_passes(names, options)
     heldout = DEFAULT_HELDOUT if heldout is None else check_heldout(heldout)
     original = load_model(source)
     try:
@@ -93,8 +184,9 @@ def run_pipeline(source: "str | onnx.ModelProto", passes: "list[str | Pass] | No
         raise UserError(f"{', '.join(lossy)} {'is' if len(lossy) == 1 else 'are'} lossy: give --calib FILE.npz or "
                         "--calib DIR --preprocess PRESET with real samples to fit and check on, or --calib random "
                         "to accept unverified output from random inputs")
+    tunes = target is not None and bool(lossy)
     ctx = PassContext(original, calib=calib, input_shapes=input_shapes, seed=seed, preprocess=preprocess,
-                      heldout=heldout)
+                      heldout=heldout, tuning=TUNING_SHARE if tunes else 0.0)
     ctx.original_session = original_session
     try:
         calibration = ctx.calibration
@@ -111,33 +203,32 @@ def run_pipeline(source: "str | onnx.ModelProto", passes: "list[str | Pass] | No
     report = Report(input=model_stats(original, cost_shapes, cost_feeds),
                     calibration=calibration.source if calibration else None)
 
+    real_data = calib is not None and not (isinstance(calib, str) and calib == RANDOM)
+    use_budget = tunes and calibration is not None
+    steps = _steps(pass_objs, names, options or {}, real_data, use_budget)
+    tuner = _Tuner(steps, ctx, original, target, cost_shapes, cost_feeds) if use_budget else None
     current, session = original, original_session
-    total = len(pass_objs)
-    for i, p in enumerate(pass_objs):
+    total = len(steps)
+    for i, step in enumerate(steps):
         if progress:
-            progress(i, total, p.name)
-        t0 = time.perf_counter()
-        try:
-            candidate, result = checked_transform(p, current, ctx)
-        except UserError:
-            raise
-        except Exception as exc:
-            # A crashing pass is a bug; the model it was given is still good, so keep it and say so.
-            if os.environ.get("ONNXSLIM_CNN_DEBUG"):
-                raise
-            result, candidate = PassResult(), current
-            result.skip(p.name, f"pass failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
-            ctx.warnings.append(f"pass {p.name} failed and was skipped ({type(exc).__name__}: {exc})".splitlines()[0])
-        problem, new_session = validate(candidate) if result.changed else (None, None)
-        status = "ok" if not (result.skipped and result.skipped[-1]["reason"].startswith("pass failed")) else "failed"
-        if problem:
-            # A pass that breaks the model is a bug; the user still gets a valid model.
-            status = f"reverted: {problem}"
-            ctx.warnings.append(f"pass {p.name} produced an invalid model and was reverted ({problem})")
-        elif result.changed:
-            current, session = candidate, new_session
-        report.passes.append(PassRecord.from_result(p, result, time.perf_counter() - t0, status,
-                                                    nodes_after=len(current.graph.node)))
+            progress(i, total, step.pass_.name)
+        if tuner is not None:
+            current, session = tuner.run_step(i, current, session)
+        else:
+            step.outcome = _run_pass(step.pass_, current, session, ctx)
+            current, session = step.outcome.model, step.outcome.session
+    if tuner is not None:
+        current, session = tuner.back_off(current, session)
+    for step in steps:
+        out = step.outcome
+        if out.status == "failed":
+            ctx.warnings.append(f"pass {step.pass_.name} failed and was skipped ({out.result.skipped[-1]['reason'][len('pass failed: '):]})")
+        elif out.status.startswith("reverted"):
+            ctx.warnings.append(f"pass {step.pass_.name} produced an invalid model and was reverted ({out.status[len('reverted: '):]})")
+        shown = step.make(step.rung, step.limits) if step.tuned and step.rung is not None \
+            and step.rung < len(step.knob.ladder) else step.pass_
+        report.passes.append(PassRecord.from_result(shown, out.result, out.seconds, out.status,
+                                                    nodes_after=len(out.model.graph.node)))
     if progress:
         progress(total, total, "measure")
     report.output = model_stats(current, cost_shapes, cost_feeds)
@@ -155,11 +246,191 @@ def run_pipeline(source: "str | onnx.ModelProto", passes: "list[str | Pass] | No
         for name, f in report.fidelity.items():
             if "error" in f:
                 ctx.warnings.append(f"output {name}: {f['error']}")
-            elif f["cosine"] < LOW_COSINE:
+            elif f["cosine"] < LOW_COSINE and not use_budget:
                 ctx.warnings.append(f"output {name}: cosine {f['cosine']:.4f} to the original on the {where} "
                                     "inputs; the model changed noticeably, check its task accuracy")
+    if tuner is not None:
+        report.budget = tuner.summary(report.fidelity, report.fidelity_data)
     if bench:
         report.latency = {"before": measure_latency(original, ctx.calibration),
                           "after": measure_latency(current, ctx.calibration)}
     report.warnings = list(ctx.warnings)
     return PipelineResult(current, report)
+
+
+class _Tuner:
+    """The budget's search (module docstring of ``budget.py``): a rung per tuned pass, the error
+    of every pass measured on the tuning samples, then the back-off."""
+
+    MAX_BACK_OFFS = 12
+
+    def __init__(self, steps: list[_Step], ctx: PassContext, original: onnx.ModelProto, target: Budget,
+                 cost_shapes, cost_feeds):
+        self.steps, self.ctx, self.original, self.target = steps, ctx, original, target
+        self.cost_shapes, self.cost_feeds = cost_shapes, cost_feeds
+        self.log: list[str] = []
+        self.zero = {k: 0.0 for k in target.allowance()}
+
+    def error(self, outcome: _Outcome) -> dict:
+        """Budget terms of ``outcome.model`` against the original on the tuning samples."""
+        if outcome.error is None:
+            fid = measure_fidelity(self.original, outcome.model, self.ctx.tuning, self.ctx.tuning_reference(),
+                                   session=outcome.session)
+            outcome.error = spent(fid)
+        return outcome.error
+
+    def _error_before(self, i: int) -> dict:
+        return self.steps[i].before[2] if self.steps[i].before else self.zero
+
+    def run_step(self, i: int, current, session):
+        step = self.steps[i]
+        step.before = (current, session, self.steps[i - 1].outcome.error if i and self.steps[i - 1].outcome
+                       and self.steps[i - 1].outcome.error is not None else self.zero)
+        if not step.tuned:
+            step.outcome = _run_pass(step.pass_, current, session, self.ctx)
+            if step.pass_.lossy:
+                self.error(step.outcome)
+            else:
+                step.outcome.error = step.before[2] if step.outcome.model is current else self.error(step.outcome)
+            return step.outcome.model, step.outcome.session
+        left = sum(1 for s in self.steps[i:] if s.tuned)
+        step.limits = self.target.limits(step.before[2], left)
+        step.tried = []
+        ladder = step.knob.ladder
+        outcomes: dict[int, _Outcome] = {}
+
+        def fits(rung: int) -> bool:
+            out = _run_pass(step.make(rung, step.limits), current, session, self.ctx)
+            outcomes[rung] = out
+            changed = out.status == "ok" and out.result.changed
+            err = self.error(out) if changed else None
+            # a rung that changes nothing spends nothing (and gains nothing): it fits
+            good = out.status == "ok" and (not changed or within(err, step.limits))
+            step.tried.append({"setting": ladder[rung], "error": rounded(err) if err else None,
+                               "status": out.status if out.status != "ok" or out.result.changed else "no change",
+                               "fits": good})
+            return good
+
+        step.rung = bisect_ladder(len(ladder), fits)
+        self._settle(step, outcomes)
+        return step.outcome.model, step.outcome.session
+
+    def _settle(self, step: _Step, outcomes: dict) -> None:
+        """The step's outcome for its rung (left out: the model it started from, and why)."""
+        ladder = step.knob.ladder
+        if step.rung < len(ladder):
+            step.outcome = outcomes[step.rung]
+            return
+        current, session, err = step.before
+        result = PassResult()
+        failures = [o for o in outcomes.values() if o.status != "ok"]
+        if failures and len(failures) == len(outcomes):
+            step.outcome = failures[-1]  # every rung tried failed: that is a failure, not the budget
+            step.outcome.model, step.outcome.session = current, session
+            step.outcome.error = dict(err)
+            return
+        weakest = ladder[-1]
+        result.skip(step.pass_.name, f"left out: even {step.knob.option}={weakest!r} spends more than its share "
+                                     f"of the accuracy budget ({_limits_text(step.limits)})")
+        step.outcome = _Outcome(current, result, "ok", session, sum(o.seconds for o in outcomes.values()), dict(err))
+        self.ctx.warnings.append(f"{step.pass_.name} left out: even its weakest setting ({step.knob.option}="
+                                 f"{weakest!r}) misses its share of the accuracy budget")
+
+    def _gain(self, step: _Step) -> float:
+        """Share of MACs (or bytes) the step's cut saves."""
+        before, after = step.before[0], step.outcome.model
+        if after is before:
+            return 0.0
+        a = model_stats(before, self.cost_shapes, self.cost_feeds)
+        b = model_stats(after, self.cost_shapes, self.cost_feeds)
+        x, y = (a.macs, b.macs) if step.knob.gain == "macs" and a.macs else (a.file_bytes, b.file_bytes)
+        return (x - y) / x if x else 0.0
+
+    def back_off(self, current, session):
+        """Weaken the least valuable cut until the fit samples meet the budget (module docstring)."""
+        allowed = self.target.limits(self.zero, 1)
+        for _ in range(self.MAX_BACK_OFFS):
+            last = self.steps[-1].outcome
+            err = last.error if last.error is not None else self.error(last)
+            if within(err, allowed):
+                break
+            movable = [k for k, s in enumerate(self.steps) if s.tuned and s.rung < len(s.knob.ladder)]
+            if not movable:
+                self.log.append(f"nothing left to give back: {', '.join(shortfall(self.target, err))} on the tuning samples")
+                break
+
+            def value(k: int) -> float:
+                s = self.steps[k]
+                added = max(max(s.outcome.error.get(key, 0.0) - s.before[2].get(key, 0.0), 0.0) / max(a, 1e-12)
+                            for key, a in self.target.allowance().items())
+                return self._gain(s) / max(added, 1e-12)
+
+            k = min(movable, key=value)
+            s = self.steps[k]
+            old = s.knob.ladder[s.rung]
+            s.rung += 1
+            new = s.knob.ladder[s.rung] if s.rung < len(s.knob.ladder) else OFF
+            self.log.append(f"{s.pass_.name}: {s.knob.option} {old!r} -> {new!r} "
+                            f"({', '.join(shortfall(self.target, err))} on the tuning samples)")
+            self._rerun_from(k)
+        last = self.steps[-1].outcome
+        return last.model, last.session
+
+    def _rerun_from(self, k: int) -> None:
+        for j in range(k, len(self.steps)):
+            s = self.steps[j]
+            if j > k:
+                prev = self.steps[j - 1].outcome
+                s.before = (prev.model, prev.session, prev.error if prev.error is not None else self.error(prev))
+            current, session, _ = s.before
+            if not s.tuned:
+                s.outcome = _run_pass(s.pass_, current, session, self.ctx)
+                self.error(s.outcome)
+                continue
+            outcomes = {}
+            if s.rung < len(s.knob.ladder):
+                out = _run_pass(s.make(s.rung, s.limits), current, session, self.ctx)
+                outcomes[s.rung] = out
+                if out.status != "ok":  # a rung that worked before: keep the step's input instead
+                    s.rung = len(s.knob.ladder)
+                else:
+                    self.error(out)
+            self._settle(s, outcomes)
+            s.tried.append({"setting": s.knob.ladder[s.rung] if s.rung < len(s.knob.ladder) else OFF,
+                            "error": rounded(s.outcome.error), "status": "back-off", "fits": None})
+
+    def summary(self, fidelity: "dict | None", fidelity_data: "dict | None") -> dict:
+        passes = []
+        for s in self.steps:
+            if s.outcome is None or not (s.pass_.lossy or s.tuned):
+                continue
+            before = s.before[2] if s.before else self.zero
+            after = s.outcome.error or before
+            entry = {"pass": s.pass_.name, "tuned": s.tuned,
+                     "spent": rounded({k: max(after.get(k, 0.0) - before.get(k, 0.0), 0.0) for k in self.zero}),
+                     "error_after": rounded({k: after.get(k, 0.0) for k in self.zero})}
+            if s.tuned:
+                entry.update(option=s.knob.option,
+                             setting=s.knob.ladder[s.rung] if s.rung < len(s.knob.ladder) else OFF,
+                             limit=rounded(s.limits), tried=s.tried)
+            else:
+                entry["why"] = ("options set explicitly" if s.knob is None and type(s.pass_).budget_knob
+                                else "no budget knob: run as configured")
+            passes.append(entry)
+        out = {"target": self.target.to_dict(), "passes": passes, "back_off": list(self.log),
+               "tuning_samples": self.ctx.tuning.samples, "tuning_set": self.ctx.tuning_note,
+               "tuning_error": rounded(self.steps[-1].outcome.error or self.zero)}
+        if fidelity is None:
+            out.update(met=None, measured_on=None,
+                       why="fidelity not measured (--no-fidelity): the budget was checked on the tuning samples only")
+            return out
+        err = spent(fidelity)
+        missed = shortfall(self.target, err)
+        out.update(met=not missed, measured_on=(fidelity_data or {}).get("set"),
+                   samples=(fidelity_data or {}).get("samples"), error=rounded(err), missed=missed)
+        return out
+
+
+def _limits_text(limits: dict) -> str:
+    names = {"cosine": "cosine >= {:.4f}", "top1": "top-1 agreement >= {:.4f}", "rel_error": "relative error <= {:.4f}"}
+    return ", ".join(names[k].format(1.0 - v if k != "rel_error" else v) for k, v in limits.items())

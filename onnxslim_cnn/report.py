@@ -47,6 +47,9 @@ class Report:
     fidelity_data: "dict | None" = None
     latency: "dict | None" = None
     warnings: list[str] = field(default_factory=list)
+    # The accuracy budget: target, per pass the setting chosen, what was tried and what it spent,
+    # the back-off, and the verdict on the held-out samples (pipeline._Tuner.summary)
+    budget: "dict | None" = None
 
     @property
     def problems(self) -> list[str]:
@@ -61,6 +64,11 @@ class Report:
                 out.append(f"pass {p.name} failed{reason[len('pass failed'):]}")
             elif p.status.startswith("reverted"):
                 out.append(f"pass {p.name} produced an invalid model and was reverted{p.status[len('reverted'):]}")
+        if self.budget and self.budget.get("met") is False:
+            where = "held-out" if self.budget.get("measured_on") == "held-out" else "calibration"
+            out.append(f"accuracy budget missed on the {self.budget.get('samples')} {where} samples: "
+                       f"{', '.join(self.budget['missed'])} (loosen it with --budget, or give more or "
+                       "more representative --calib data)")
         return out
 
     def to_dict(self, *, timings: bool = True) -> dict:
@@ -77,6 +85,7 @@ class Report:
             "fidelity_data": self.fidelity_data,
             "latency": self.latency if timings else None,
             "calibration": self.calibration,
+            "budget": self.budget,
             "warnings": self.warnings,
             "problems": self.problems,
         }
@@ -188,6 +197,8 @@ def _table_lines(r: Report, max_items: int) -> list[str]:
             top1 = f"  top1 agreement {f['top1_agreement']:.4f}" if "top1_agreement" in f else ""
             lines.append(f"  {name}: max abs err {f['max_abs_error']:.3g}  rel {f['rel_error']:.3g}"
                          f"  cosine {f['cosine']:.6f}{top1}")
+    if r.budget:
+        lines.extend(_budget_lines(r.budget))
     if r.latency:
         b, a = r.latency["before"], r.latency["after"]
         lines.append("")
@@ -196,4 +207,26 @@ def _table_lines(r: Report, max_items: int) -> list[str]:
                      f"speed-up {b['median_ms'] / a['median_ms']:.2f}x")
     for w in r.warnings:
         lines.append(f"warning: {w}")
+    return lines
+
+
+def _budget_lines(b: dict) -> list[str]:
+    t = b["target"]
+    wants = [f"cosine >= {t['cosine']:g}" if t.get("cosine") is not None else "",
+             f"top-1 agreement >= {t['top1']:g}" if t.get("top1") is not None else "",
+             f"relative error <= {t['rel_error']:g}" if t.get("rel_error") is not None else ""]
+    verdict = {True: "met", False: "MISSED", None: "not measured"}[b.get("met")]
+    where = f" on {b.get('samples')} {b.get('measured_on')} samples" if b.get("measured_on") else ""
+    lines = ["", f"Accuracy budget ({', '.join(w for w in wants if w)}): {verdict}{where}"
+             + (f": {', '.join(b['missed'])}" if b.get("missed") else "")]
+    for p in b["passes"]:
+        spent = ", ".join(f"{k} {v:.4f}" for k, v in p["spent"].items() if v is not None)
+        if p["tuned"]:
+            tried = " ".join(f"{t['setting']!r}{'+' if t['fits'] else '-' if t['fits'] is False else '~'}"
+                             for t in p["tried"])
+            lines.append(f"  {p['pass']:<10} {p['option']}={p['setting']!r}  spent {spent}  (tried {tried})")
+        else:
+            lines.append(f"  {p['pass']:<10} {p['why']}  spent {spent}")
+    for line in b.get("back_off", []):
+        lines.append(f"  back-off: {line}")
     return lines

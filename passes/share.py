@@ -34,7 +34,7 @@ from onnxslim_cnn.errors import UserError
 from onnxslim_cnn.graph import Graph, weight_input_index
 from onnxslim_cnn.options import option
 from onnxslim_cnn.context import PassContext
-from onnxslim_cnn.pass_infra import GraphPass, PassResult, register_pass
+from onnxslim_cnn.pass_infra import GraphPass, Knob, PassResult, register_pass
 
 
 OPS = ("Conv", "Gemm", "MatMul")
@@ -80,6 +80,7 @@ class SharePass(GraphPass):
     Options = ShareOptions
     modifies = frozenset({"graph"})
     lossy = True
+    budget_knob = Knob(option="fc_bits", ladder=(4, 5, 6, 8), gain="bytes")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options

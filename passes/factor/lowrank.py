@@ -26,7 +26,7 @@ from onnxslim_cnn.graph import Graph
 from onnxslim_cnn.model_io import inferred, skeleton, with_static_inputs
 from onnxslim_cnn.options import option
 from onnxslim_cnn.context import PassContext
-from onnxslim_cnn.pass_infra import GraphPass, PassResult, register_pass
+from onnxslim_cnn.pass_infra import GraphPass, Knob, PassResult, register_pass
 
 from . import lowrank_maths as lm
 from .factorize import rank_for_energy
@@ -105,6 +105,8 @@ class LowrankPass(GraphPass):
     Options = LowrankOptions
     modifies = frozenset({"graph"})
     lossy = True
+    budget_knob = Knob(option="energy", ladder=(0.8, 0.9, 0.95, 0.98, 0.99), recovery={"data_aware": True},
+                       fixed_by=("rank", "speedup"))
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options

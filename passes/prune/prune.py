@@ -23,9 +23,10 @@ from onnxslim_cnn.analysis.channels import ChannelAnalysis, ChannelGroup, analyz
 from onnxslim_cnn.graph import Graph
 from onnxslim_cnn.options import option
 from onnxslim_cnn.context import PassContext
-from onnxslim_cnn.pass_infra import GraphPass, PassResult, register_pass
+from onnxslim_cnn.pass_infra import GraphPass, Knob, PassResult, register_pass
 
 from .importance import IMPORTANCE
+from .recover import MIN_ROWS_PER_FEATURE
 from .rewrite import RefitItem, Rewriter
 
 
@@ -64,6 +65,8 @@ class PrunePass(GraphPass):
     Options = PruneOptions
     modifies = frozenset({"graph"})
     lossy = True
+    budget_knob = Knob(option="ratio", ladder=(0.5, 0.3, 0.2, 0.1, 0.05, 0.02), recovery={"reconstruct": True},
+                       fixed_by=("zero_only",))
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
@@ -106,6 +109,9 @@ class PrunePass(GraphPass):
             names = sorted({t.name for _, t, _ in rewriter.consumer_inputs()})
             refit_inputs = ctx.activations(graph.source, names) if names else {}
         plan = rewriter.apply(compensation, refit_inputs, o.ridge)
+        for label in rewriter.refit_skipped:
+            result.skip(label, f"not refitted: fewer than {MIN_ROWS_PER_FEATURE} calibration rows per input "
+                               "feature (kept the mean-compensated weights)")
         if o.reconstruct and o.sequential:
             _sequential_refit(graph, plan, ctx, o.ridge)
         for g in candidates:

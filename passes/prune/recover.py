@@ -11,7 +11,26 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxslim_cnn.analysis.conv_patches import ConvGeometry, output_rows, patches, sample_positions
+from onnxslim_cnn.analysis.conv_patches import MAX_POSITIONS, ConvGeometry, output_rows, patches, sample_positions
+
+
+# A refit from fewer rows (samples, or sampled output positions of a conv) than a few per input
+# feature fits those rows, not the input distribution: digits VGG pruned at 0.1 kept held-out
+# cosine 0.9908 with the mean-compensated weights and fell to 0.9602 refitted on 48 samples,
+# its FC layers having 1024 and 256 inputs. Such a layer keeps its compensated weights.
+MIN_ROWS_PER_FEATURE = 4
+
+
+def enough_rows(op: str, attrs: dict, w_shape: tuple, x_shape: tuple, kept_inputs: int) -> bool:
+    """Whether the calibration activations ``x_shape`` give a refit of the layer enough rows."""
+    if op == "Conv":
+        geometry = ConvGeometry.from_attrs(attrs, w_shape[2:])
+        rows = min(geometry.positions(x_shape), MAX_POSITIONS)
+        features = kept_inputs * int(np.prod(w_shape[2:]))
+    else:
+        rows = int(np.prod(x_shape[:-1]))
+        features = kept_inputs
+    return rows >= MIN_ROWS_PER_FEATURE * (features + 1)
 
 
 def design_matrix(op: str, attrs: dict, w: np.ndarray, x: np.ndarray, seed: int) -> np.ndarray:

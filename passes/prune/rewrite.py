@@ -43,6 +43,7 @@ class Rewriter:
         self.a = analysis
         self.removed = np.unique(np.asarray(removed_ids, np.int64))
         self.refit_inputs: dict[str, np.ndarray] = {}
+        self.refit_skipped: list[str] = []  # consumers with too few calibration rows to refit
         self.ridge = 1e-3
         self.keep: dict[str, np.ndarray] = {}
         # a unit goes as a whole class: its producers' ids and the ids of channels nobody
@@ -137,7 +138,12 @@ class Rewriter:
             return None
         if in_mask is not None and node.inputs[0].name in self.refit_inputs \
                 and op in ("Conv", "Gemm", "MatMul") and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET"):
-            return self._refit(node, w, in_mask, out_mask, trans_b)
+            from .recover import enough_rows
+
+            x_shape = self.refit_inputs[node.inputs[0].name].shape
+            if enough_rows(op, dict(node.attrs), w.shape, x_shape, int(in_mask.sum())):
+                return self._refit(node, w, in_mask, out_mask, trans_b)
+            self.refit_skipped.append(_label(node))
         out_axis = {"Conv": 0, "ConvTranspose": 1, "Gemm": 0 if trans_b else 1, "MatMul": 1}[op]
         in_axis = {"Conv": 1, "ConvTranspose": 0, "Gemm": 1 if trans_b else 0, "MatMul": 0}[op]
         bias_add = None

@@ -32,7 +32,7 @@ from onnxslim_cnn.errors import UserError
 from onnxslim_cnn.graph import Graph
 from onnxslim_cnn.model_io import constants_to_initializers, needs_external_data, save_model
 from onnxslim_cnn.options import option
-from onnxslim_cnn.pass_infra import ModelPass, PassResult, register_pass
+from onnxslim_cnn.pass_infra import Knob, ModelPass, PassResult, register_pass
 from onnxslim_cnn.sparse_storage import densify
 
 # Ops that mark a model as already quantized (QDQ, QOperator or dynamic).
@@ -435,6 +435,8 @@ class Q8Pass(ModelPass):
                "dynamic quantization. Already-quantized models pass through unchanged.")
     Options = Q8Options
     modifies = frozenset({"graph", "opset"})
+    budget_knob = Knob(option="keep_float", ladder=([], ["auto"]), target_option="budget_cosine", gain="bytes",
+                       fixed_by=("dynamic",))
     lossy = True
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:

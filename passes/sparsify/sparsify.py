@@ -30,7 +30,7 @@ from onnxslim_cnn.analysis.conv_patches import ConvGeometry, patches, sample_pos
 from onnxslim_cnn.graph import Graph, weight_input_index
 from onnxslim_cnn.options import option
 from onnxslim_cnn.context import PassContext
-from onnxslim_cnn.pass_infra import GraphPass, PassResult, register_pass
+from onnxslim_cnn.pass_infra import GraphPass, Knob, PassResult, register_pass
 
 
 OPS = ("Conv", "Gemm", "MatMul")
@@ -77,6 +77,8 @@ class SparsifyPass(GraphPass):
     Options = SparsifyOptions
     modifies = frozenset({"weights"})
     lossy = True
+    budget_knob = Knob(option="ratio", ladder=(0.9, 0.8, 0.7, 0.6, 0.5, 0.3), recovery={"refit": True},
+                       gain="bytes", fixed_by=("mode",))
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options

@@ -68,8 +68,8 @@ def test_compress_proto_with_npz_calib_and_options_dict(tmp_path):
 def test_report_dict_and_json(model_path):
     _, report = onnxslim_cnn.compress(model_path, bench=True)
     d = report.to_dict()
-    assert list(d) == ["input", "output", "passes", "fidelity", "fidelity_data", "latency", "calibration", "warnings",
-                       "problems"]
+    assert list(d) == ["input", "output", "passes", "fidelity", "fidelity_data", "latency", "calibration", "budget",
+                       "warnings", "problems"]
     assert d["problems"] == []
     assert d["fidelity_data"] == {"set": "fit", "samples": 8, "source": "random(seed=0, samples=8)",
                                   "text": "fidelity is measured on the data the passes fit on (8 samples of "
@@ -324,7 +324,7 @@ def test_report_warns_when_outputs_change_noticeably():
     _, exact = onnxslim_cnn.compress(model)
     assert not any("changed noticeably" in w for w in exact.warnings)
     _, lossy = onnxslim_cnn.compress(model, passes=["prune"], prune__ratio=0.9, prune__compensate=False,
-                                     calib="random")
+                                     calib="random", budget="off")
     cos = lossy.fidelity["logits"]["cosine"]
     assert cos < 0.99
     assert f"output logits: cosine {cos:.4f} to the original on the calibration inputs; the model changed " \

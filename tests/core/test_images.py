@@ -272,7 +272,7 @@ def test_heldout_never_reaches_a_pass(monkeypatch):
     _Spy.seen = []
     _, report = onnxslim_cnn.compress(str(digits.fixture_path("digits_vgg")),
                                       ["slim", _Spy(), "prune", "svd", "q8"], calib=DIGITS_CALIB,
-                                      prune__reconstruct=True, svd__data_aware=True)
+                                      prune__reconstruct=True, svd__data_aware=True, budget="off")
     assert [p.status for p in report.passes] == ["ok"] * 5
     assert state["runs"] > 10 and state["leaks"] == 0 and state["heldout_reads"] == []
     [seen] = _Spy.seen
@@ -541,4 +541,4 @@ def test_recipe_calibration_block(tmp_path):
     r.write_text("passes: [q8]\ncalibration: {preprocess: imagenet, heldout: 0.1}\n")
     assert load_recipe(r) == (["q8"], {}) and recipe_calibration(r) == {"preprocess": "imagenet", "heldout": 0.1}
     r.write_text("calibration: {preset: imagenet}\n")
-    assert user_error(recipe_calibration, r) == f"{r}: 'calibration' is a mapping with keys 'preprocess' and 'heldout'"
+    assert user_error(recipe_calibration, r) == f"{r}: 'calibration' is a mapping with keys 'preprocess', 'heldout' and 'budget'"
