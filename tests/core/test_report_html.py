@@ -450,3 +450,9 @@ def test_sparsity_error_and_q8_reasons_charted_from_generic_keys():
     assert rows == {"c1": "float", "c3": "float", "r1": "float", "c2": "int8"}
     assert "most sensitive" in text and "named by the exclude / keep_float option" in text
     assert "fused to (activation)" in text
+    # per-node figures, should the model statistics carry them
+    d["input"] = dict(stats, macs_by_node={"c1": 30, "c2": 20})
+    d["output"] = dict(stats, macs_by_node={"c1": 10, "c2": 20})
+    text = render_html(d)
+    assert 'data-chart="node.macs_by_node"' in text
+    assert 'data-row="c1" data-series="after" data-value="10"' in text
