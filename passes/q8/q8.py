@@ -176,7 +176,7 @@ def _relist_inputs(source: onnx.ModelProto, out: onnx.ModelProto) -> None:
     copy is gone and stays so."""
     listed = {i.name: i for i in out.graph.input}
     src_inits = {t.name for t in source.graph.initializer}
-    out_inits = {t.name for t in out.graph.initializer}
+    out_inits = {t.name: t for t in out.graph.initializer}
     if not any(i.name in src_inits and i.name not in listed and i.name in out_inits for i in source.graph.input):
         return
     inputs = []
@@ -184,9 +184,8 @@ def _relist_inputs(source: onnx.ModelProto, out: onnx.ModelProto) -> None:
         if i.name in listed:
             inputs.append(listed.pop(i.name))
         elif i.name in src_inits and i.name in out_inits:
-            vi = onnx.ValueInfoProto()
-            vi.CopyFrom(i)
-            inputs.append(vi)
+            t = out_inits[i.name]  # its type as it is now (the interface check compares it)
+            inputs.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     inputs += listed.values()
     del out.graph.input[:]
     out.graph.input.extend(inputs)
