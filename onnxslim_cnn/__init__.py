@@ -69,7 +69,7 @@ def compress(model: "str | onnx.ModelProto", passes: "list[str | Pass] | None" =
              calib: Any = None, input_shapes: "dict[str, tuple[int, ...]] | None" = None,
              options: "dict[str, dict[str, Any]] | None" = None, seed: int = 0,
              fidelity: bool = True, bench: bool = False, preprocess: Any = None, heldout: "float | None" = None,
-             budget: Any = "default", **flat_options: Any) -> tuple[onnx.ModelProto, Report]:
+             budget: Any = "default", progress: Any = None, **flat_options: Any) -> tuple[onnx.ModelProto, Report]:
     """Run ``passes`` (default ``["slim"]``) on ``model``; returns ``(new ModelProto, Report)``.
 
     ``calib`` is a ``.npz`` path, a dict of arrays named after the model inputs, a folder of
@@ -80,7 +80,9 @@ def compress(model: "str | onnx.ModelProto", passes: "list[str | Pass] | None" =
     the samples kept out of fitting, on which the report's fidelity is measured. ``budget``: the
     accuracy budget the lossy passes share (default cosine >= 0.99 and top-1 agreement >= 0.99;
     ``"cosine=0.995,top1=0.98"``, a dict, a ``budget.Budget`` or ``"off"``); a miss is listed in
-    ``report.problems``. The input model is never modified.
+    ``report.problems``. ``progress``: called as ``progress(done, total, label)`` before each
+    pass and at the end (``onnxslim_cnn.progress`` prints such lines). The input model is never
+    modified.
     """
     merged: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (options or {}).items()}
     for key, value in flat_options.items():
@@ -92,5 +94,5 @@ def compress(model: "str | onnx.ModelProto", passes: "list[str | Pass] | None" =
 
     result = run_pipeline(model, passes, options=merged, calib=calib, input_shapes=input_shapes,
                           seed=seed, fidelity=fidelity, bench=bench, preprocess=preprocess, heldout=heldout,
-                          budget=budget)
+                          budget=budget, progress=progress)
     return result.model, result.report

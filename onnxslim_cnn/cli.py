@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "per-layer table; no network needed to view) when the name ends in .html or .htm")
     p.add_argument("--bench", action="store_true", help="measure ORT CPU latency before/after (1 thread)")
     p.add_argument("--no-fidelity", action="store_true", help="skip the ORT comparison with the original")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no report table")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output and no report table")
     p.add_argument("--keep-anyway", action="store_true",
                    help="write the output model even when a pass failed or was reverted (still exit 3)")
     p.add_argument("--allow-skip", action="store_true",

@@ -19,6 +19,9 @@ from .analysis.fidelity import reference_outputs
 from .errors import UserError
 
 RANDOM = "random"  # --calib random: the documented generator, asked for explicitly
+# What the activations one data-aware request holds may take (``PassContext.activation_data``):
+# with the models, sessions and design matrices beside it, peak RSS stays under 2.5 GB.
+ACTIVATION_BYTES = 512 << 20
 
 
 class PassContext:
@@ -132,20 +135,46 @@ class PassContext:
         """``"held-out: 8 of 32 samples of folder X"``, or why fidelity uses the fit data."""
         return self._load().note
 
-    def activations(self, model: onnx.ModelProto, names: "list[str]") -> dict[str, np.ndarray]:
-        """Values of intermediate tensors ``names`` of ``model`` on the calibration inputs.
+    def activation_data(self, model: onnx.ModelProto, names: "list[str]",
+                        max_bytes: "int | None" = None) -> CalibrationData:
+        """The calibration samples whose activations ``names`` fit in ``max_bytes`` (default
+        ``ACTIVATION_BYTES``): the first whole runs of the fit samples, at least one run.
 
-        One ORT run over all calibration samples with the tensors exposed as extra outputs;
-        chunks are concatenated along axis 0 (the batch axis of CNN activations). Cached per
-        model and tensor, so passes asking for the same activations share one run.
+        A data-aware pass holds the activations it asks for all at once; on ppocrv4_det at
+        640x640 the consumer inputs of prune's refit take about 230 MB per sample, so the 36
+        fit samples of a 64-image folder would need 8 GB (the reconstruct runs that were
+        OOM-killed at 5.6-6.1 GB RSS). The refits sample output positions anyway
+        (``analysis.conv_patches.MAX_POSITIONS``), so a few large maps give them enough rows.
+        """
+        from .analysis.activations import bytes_per_sample
+
+        calib = self.calibration
+        budget = ACTIVATION_BYTES if max_bytes is None else max_bytes
+        key = ("activation_data", id(model), tuple(sorted(names)), budget)
+        if key not in self.cache:
+            per = bytes_per_sample(model, names, calib)
+            unit = calib.batch if calib.fixed_batch else 1
+            n = calib.samples if per <= 0 else max(unit, int(budget // per) // unit * unit)
+            self.cache[key] = calib if n >= calib.samples else calib.subset(np.arange(n))
+        return self.cache[key]
+
+    def activations(self, model: onnx.ModelProto, names: "list[str]",
+                    data: "CalibrationData | None" = None) -> dict[str, np.ndarray]:
+        """Values of intermediate tensors ``names`` of ``model`` on calibration inputs.
+
+        On ``data`` (default: ``activation_data(model, names)``, the fit samples within the
+        memory bound), one ORT run with the tensors exposed as extra outputs; chunks are
+        concatenated along axis 0 (the batch axis of CNN activations). Cached per model, data
+        and tensor, so passes asking for the same activations share one run.
         """
         from .analysis.activations import capture
 
+        data = self.activation_data(model, names) if data is None else data
         key = id(model)
-        cached = self.cache.setdefault(("activations", key), {"model": model, "values": {}})
+        cached = self.cache.setdefault(("activations", key, data.samples), {"model": model, "values": {}})
         missing = [n for n in names if n not in cached["values"]]
         if missing:
-            cached["values"].update(capture(model, missing, self.calibration))
+            cached["values"].update(capture(model, missing, data))
         return {n: cached["values"][n] for n in names}
 
     def reference(self):

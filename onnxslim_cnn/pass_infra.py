@@ -96,6 +96,10 @@ class Knob:
     # Other options that, when the user sets one, decide the cut instead (svd's rank): the knob
     # is then left as configured too.
     fixed_by: tuple = ()
+    # "bisect" (about log2 of the ladder's length runs) or "first": try the strongest rung
+    # first and bisect the rest only when it misses, for ladders whose strongest rung usually
+    # fits and whose weaker ones cost more to run (q8: all int8, then its sensitivity search).
+    search: str = "bisect"
 
 
 class PassContractError(RuntimeError):
@@ -251,7 +255,11 @@ def _interface_kept(before: onnx.ModelProto, after: onnx.ModelProto) -> bool:
     number still that number. A symbolic or unknown dimension may become concrete: the Graph
     wrapper's shape inference refines declared outputs, which changes nothing a caller relied on."""
     def sig(m):
-        return [[(v.name, _dims(v)) for v in vs] for vs in (m.graph.input, m.graph.output)]
+        # IR < 4 lists every initializer as a graph input too: those are weights, not the
+        # interface (q8 must drop a float weight it quantizes), so only inputs without one count
+        weights = {t.name for t in m.graph.initializer}
+        inputs = [v for v in m.graph.input if v.name not in weights]
+        return [[(v.name, _dims(v)) for v in vs] for vs in (inputs, m.graph.output)]
 
     for side_b, side_a in zip(sig(before), sig(after)):
         if [n for n, _ in side_b] != [n for n, _ in side_a]:

@@ -311,7 +311,10 @@ class _Tuner:
                                "fits": good})
             return good
 
-        step.rung = bisect_ladder(len(ladder), fits)
+        if step.knob.search == "first":
+            step.rung = 0 if fits(0) else 1 + bisect_ladder(len(ladder) - 1, lambda r: fits(r + 1))
+        else:
+            step.rung = bisect_ladder(len(ladder), fits)
         self._settle(step, outcomes)
         return step.outcome.model, step.outcome.session
 

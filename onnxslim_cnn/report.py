@@ -195,8 +195,9 @@ def _table_lines(r: Report, max_items: int) -> list[str]:
                 lines.append(f"  {name}: {f['error']}")
                 continue
             top1 = f"  top1 agreement {f['top1_agreement']:.4f}" if "top1_agreement" in f else ""
+            cosmin = f" (least per sample {f['cosine_min']:.6f})" if "cosine_min" in f else ""
             lines.append(f"  {name}: max abs err {f['max_abs_error']:.3g}  rel {f['rel_error']:.3g}"
-                         f"  cosine {f['cosine']:.6f}{top1}")
+                         f"  cosine {f['cosine']:.6f}{cosmin}{top1}")
     if r.budget:
         lines.extend(_budget_lines(r.budget))
     if r.latency:

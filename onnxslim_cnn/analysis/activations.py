@@ -47,3 +47,32 @@ def capture(model: onnx.ModelProto, names: list[str], calib: CalibrationData) ->
         parts = [c[i] for c in chunks]
         out[n] = np.concatenate(parts, axis=0) if parts[0].ndim else parts[0]
     return out
+
+
+def bytes_per_sample(model: onnx.ModelProto, names: list[str], calib: CalibrationData) -> float:
+    """Bytes the tensors ``names`` take per calibration sample: static shape inference at one
+    run's input shapes, and for tensors it cannot size, one captured run (0.0 when unknown)."""
+    from ..model_io import skeleton, with_static_inputs
+
+    run = calib.batch if calib.fixed_batch else 1
+    shapes = {k: (run,) + tuple(v.shape[1:]) for k, v in calib.inputs.items() if v.ndim}
+    try:
+        info = inferred(with_static_inputs(skeleton(model), shapes))
+    except Exception:  # noqa: BLE001 - measured below instead
+        info = None
+    sized: dict[str, int] = {}
+    for vi in list(info.graph.value_info) + list(info.graph.output) + list(info.graph.input) if info else []:
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim] if tt.HasField("shape") else [None]
+        if tt.elem_type and all(d is not None for d in dims):
+            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize
+            sized[vi.name] = int(np.prod(dims, dtype=np.int64)) * itemsize
+    total = sum(sized.get(n, 0) for n in names)
+    unknown = [n for n in names if n not in sized and n not in calib.inputs]
+    if unknown:
+        one = calib.subset(np.arange(run))
+        try:
+            total += sum(v.nbytes for v in capture(model, unknown, one).values())
+        except Exception:  # noqa: BLE001 - the capture itself will say what is wrong
+            return 0.0
+    return total / run

@@ -52,6 +52,29 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / den) if den > 0 else float(np.array_equal(a, b))
 
 
+def least_sample_cosine(ref_chunks: list[list[np.ndarray]], new_chunks: list[list[np.ndarray]], index: int) -> float:
+    """The least cosine of one sample's output ``index`` to the reference's, over the samples
+    (axis 0 of each chunk); the whole-output cosine for outputs without a batch axis.
+
+    Why per sample: a classifier's probabilities barely move the cosine over all samples while
+    a few of them swing; ppocr_cls_v2 pruned at 0.05 kept cosine 0.9987 over 64 samples with
+    one sample at 0.928, and the pruned model read 29 of 32 test lines where the original read 31.
+    """
+    worst = 1.0
+    for a_chunk, b_chunk in zip(ref_chunks, new_chunks):
+        a, b = np.asarray(a_chunk[index], np.float64), np.asarray(b_chunk[index], np.float64)
+        if a.ndim < 2 or a.shape != b.shape:
+            return cosine(flat(ref_chunks, index), flat(new_chunks, index))
+        a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+        na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+        den = na * nb
+        equal = np.all(a == b, axis=1)
+        cos = np.where(den > 0, np.sum(a * b, axis=1) / np.where(den > 0, den, 1.0), equal.astype(np.float64))
+        if cos.size:
+            worst = min(worst, float(cos.min()))
+    return worst
+
+
 def cosines(reference: list[np.ndarray], new: list[np.ndarray]) -> list[float]:
     """Per output, the cosine of ``new`` to ``reference`` (both as ``outputs`` returns them)."""
     return [cosine(a, b) for a, b in zip(reference, new)]

@@ -9,7 +9,7 @@ import onnx
 
 from ..sessions import make_session
 from .calibration import CalibrationData
-from .compare import cosine, flat, run, session_of
+from .compare import cosine, flat, least_sample_cosine, run, session_of
 
 
 def reference_outputs(model: onnx.ModelProto, calib: CalibrationData,
@@ -21,7 +21,8 @@ def compare(names: list[str], ref: list[list[np.ndarray]], new: list[list[np.nda
     """Per output: max abs error, error relative to the output's scale, cosine, top-1 agreement.
 
     ``rel_error`` is max|new - ref| / max|ref| (the "relative to output scale" figure the tests
-    bound). ``top1_agreement`` is given for classifier-shaped outputs: rank 2, [N, C] with C > 1.
+    bound). ``cosine`` is over all samples at once, ``cosine_min`` the least of one sample's
+    (``compare.least_sample_cosine``; what the accuracy budget bounds). ``top1_agreement`` is given for classifier-shaped outputs: rank 2, [N, C] with C > 1.
     """
     out = {}
     for i, name in enumerate(names):
@@ -36,6 +37,7 @@ def compare(names: list[str], ref: list[list[np.ndarray]], new: list[list[np.nda
             "max_abs_error": float(diff.max()) if diff.size else 0.0,
             "rel_error": float(diff.max() / scale) if diff.size and scale > 0 else float(diff.max() if diff.size else 0.0),
             "cosine": cosine(r, n),
+            "cosine_min": least_sample_cosine(ref, new, i),
         }
         if all(np.ndim(c[i]) == 2 and np.shape(c[i])[1] > 1 for c in ref):
             agree = [np.argmax(a[i], axis=1) == np.argmax(b[i], axis=1) for a, b in zip(ref, new)]

@@ -136,7 +136,7 @@ class LowrankPass(GraphPass):
             x_name = plan["conv"].node.inputs[0].name
             current = None
             if o.data_aware and o.sequential and i > 0 and x_name in acts:
-                current = _current_input(graph, ctx, x_name)
+                current = _current_input(graph, ctx, x_name, len(acts[x_name]))
             _measure_and_refit(plan, acts.get(x_name), o, ctx.seed, current)
             _rewrite(graph, plan, shared)
             _record(result, plan)
@@ -304,12 +304,15 @@ def _activations(graph: Graph, ctx: PassContext, plans: list, result: PassResult
         return {}
 
 
-def _current_input(graph: Graph, ctx: PassContext, name: str) -> "np.ndarray | None":
-    """Tensor ``name`` on the calibration data in the model as rewritten so far."""
+def _current_input(graph: Graph, ctx: PassContext, name: str, samples: int) -> "np.ndarray | None":
+    """Tensor ``name`` in the model as rewritten so far, on the first ``samples`` calibration
+    samples (those the original activations came from, ``ctx.activation_data``)."""
     from onnxslim_cnn.analysis.activations import capture
 
+    calib = ctx.calibration
+    data = calib if samples >= calib.samples else calib.subset(np.arange(samples))
     try:
-        return capture(graph.to_model(), [name], ctx.calibration)[name]
+        return capture(graph.to_model(), [name], data)[name]
     except Exception:  # the original input still gives a valid (plain data-aware) fit
         return None
 

@@ -105,14 +105,16 @@ class PrunePass(GraphPass):
         rewriter = Rewriter(graph, analysis, removed)
         compensation = _compensation(graph, rewriter, ctx) if o.compensate else {}
         refit_inputs = {}
-        if o.reconstruct:
+        # zero_only removes dead channels exactly: a refit would only move the weights away
+        reconstruct = o.reconstruct and not o.zero_only
+        if reconstruct:
             names = sorted({t.name for _, t, _ in rewriter.consumer_inputs()})
             refit_inputs = ctx.activations(graph.source, names) if names else {}
         plan = rewriter.apply(compensation, refit_inputs, o.ridge)
         for label in rewriter.refit_skipped:
-            result.skip(label, f"not refitted: fewer than {MIN_ROWS_PER_FEATURE} calibration rows per input "
+            result.skip(label, f"not refitted: fewer than {MIN_ROWS_PER_FEATURE:g} calibration rows per input "
                                "feature (kept the mean-compensated weights)")
-        if o.reconstruct and o.sequential:
+        if reconstruct and o.sequential:
             _sequential_refit(graph, plan, ctx, o.ridge)
         for g in candidates:
             n = len(removed_units.get(g.index, []))
@@ -246,11 +248,14 @@ def _sequential_refit(graph: Graph, plan: list[RefitItem], ctx: PassContext, rid
     graph.toposort()
     position = {id(n): k for k, n in enumerate(graph.nodes)}
     plan = sorted(plan, key=lambda item: position[id(item.node)])
-    targets = ctx.activations(graph.source, sorted({item.target for item in plan}))
+    target_names = sorted({item.target for item in plan})
+    # one sample set for the targets and every refit input, within the memory bound
+    data = ctx.activation_data(graph.source, target_names + sorted({item.node.inputs[0].name for item in plan}))
+    targets = ctx.activations(graph.source, target_names, data)
     for item in plan:
         node = item.node
         model = graph.to_model()
-        x = capture(model, [node.inputs[0].name], ctx.calibration)[node.inputs[0].name]
+        x = capture(model, [node.inputs[0].name], data)[node.inputs[0].name]
         y = targets[item.target]
         w_old = np.asarray(node.inputs[1].values)
         trans_b = node.op == "Gemm" and node.attrs.get("transB", 0)

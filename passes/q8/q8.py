@@ -434,13 +434,14 @@ class Q8Pass(ModelPass):
                "dynamic quantization. Already-quantized models pass through unchanged.")
     Options = Q8Options
     modifies = frozenset({"graph", "opset"})
-    budget_knob = Knob(option="keep_float", ladder=([], ["auto"]), target_option="budget_cosine", gain="bytes",
-                       fixed_by=("dynamic",))
     lossy = True
+    budget_knob = Knob(option="keep_float", ladder=([], ["auto"]), target_option="budget_cosine", gain="bytes",
+                       fixed_by=("dynamic",), search="first")
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         o = self.options
         result = PassResult()
+        source = model
         model = _tool_input(model)
         if is_quantized(model):
             result.skip("model", "already quantized (has QuantizeLinear/DequantizeLinear, QLinear* or "

@@ -84,7 +84,7 @@ def test_report_dict_and_json(model_path):
     assert json.loads(report.to_json()) == json.loads(json.dumps(d))
     stable = report.to_dict(timings=False)
     assert "seconds" not in stable["passes"][0] and stable["latency"] is None
-    assert set(d["fidelity"]["y"]) == {"max_abs_error", "rel_error", "cosine"}
+    assert set(d["fidelity"]["y"]) == {"max_abs_error", "rel_error", "cosine", "cosine_min"}
     table = report.format_table()
     assert "parameters" in table and "Fidelity" in table and "Latency" in table
 

@@ -182,7 +182,8 @@ def test_compare_known_arrays():
 def test_compare_identical_zero_and_changed_shape():
     a = np.arange(12, dtype=np.float32).reshape(4, 3) - 5
     same = compare(["y"], [[a]], [[a.copy()]])["y"]
-    assert same == {"max_abs_error": 0.0, "rel_error": 0.0, "cosine": pytest.approx(1.0), "top1_agreement": 1.0}
+    assert same == {"max_abs_error": 0.0, "rel_error": 0.0, "cosine": pytest.approx(1.0),
+                    "cosine_min": pytest.approx(1.0), "top1_agreement": 1.0}
     zero = compare(["y"], [[np.zeros((2, 3))]], [[np.zeros((2, 3))]])["y"]
     assert zero["cosine"] == 1.0 and zero["rel_error"] == 0.0
     off = compare(["y"], [[np.zeros((2, 3))]], [[np.full((2, 3), 0.5)]])["y"]

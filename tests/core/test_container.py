@@ -24,7 +24,7 @@ def _calib():
 def shared_vgg(tmp_path_factory):
     """digits VGG after sparsify (0.9) + share: what Deep Compression stores."""
     out, _ = onnxslim_cnn.compress(str(digits.fixture_path("digits_vgg")), passes=["sparsify", "share"],
-                                   sparsify__ratio=0.9, fidelity=False, calib=_calib())
+                                   sparsify__ratio=0.9, fidelity=False, calib=_calib(), budget="off")
     path = tmp_path_factory.mktemp("vgg") / "shared.onnx"
     onnxslim_cnn.save(out, str(path))
     return path
@@ -88,7 +88,7 @@ def test_sparse_float_weights_and_odd_bit_patterns_round_trip():
 def test_dequantize_form_uses_zero_point_as_background(tmp_path):
     sparse, _ = onnxslim_cnn.compress(str(digits.fixture_path("digits_vgg")), passes=["sparsify", "share"],
                                       sparsify__ratio=0.9, share__codebook="uniform", share__form="dequantize",
-                                      fidelity=False, calib=_calib())
+                                      fidelity=False, calib=_calib(), budget="off")
     data = sparse.SerializeToString(deterministic=True)
     blob, plans = container.pack_bytes(data)
     assert container.unpack_bytes(blob) == data
