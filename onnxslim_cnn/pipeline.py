@@ -318,13 +318,15 @@ class _Tuner:
         self._settle(step, outcomes)
         return step.outcome.model, step.outcome.session
 
-    def _settle(self, step: _Step, outcomes: dict) -> None:
+    def _settle(self, step: _Step, outcomes: dict, backed_off: bool = False) -> None:
         """The step's outcome for its rung (left out: the model it started from, and why)."""
         ladder = step.knob.ladder
+        current, session, err = step.before
         if step.rung < len(ladder):
             step.outcome = outcomes[step.rung]
+            if step.outcome.error is None:  # the rung changed nothing: nothing spent
+                step.outcome.error = dict(err) if step.outcome.model is current else self.error(step.outcome)
             return
-        current, session, err = step.before
         result = PassResult()
         failures = [o for o in outcomes.values() if o.status != "ok"]
         if failures and len(failures) == len(outcomes):
@@ -332,12 +334,18 @@ class _Tuner:
             step.outcome.model, step.outcome.session = current, session
             step.outcome.error = dict(err)
             return
-        weakest = ladder[-1]
-        result.skip(step.pass_.name, f"left out: even {step.knob.option}={weakest!r} spends more than its share "
-                                     f"of the accuracy budget ({_limits_text(step.limits)})")
+        for rung, o in sorted(outcomes.items()):
+            if o.status != "ok":  # a rung that crashed or was invalid: a bug worth seeing
+                reason = o.status if o.status != "failed" else o.result.skipped[-1]["reason"]
+                result.skip(step.pass_.name, f"{step.knob.option}={ladder[rung]!r}: {reason}")
+        if backed_off:
+            why = "left out by the back-off: the passes after it overspent the accuracy budget"
+        else:
+            why = (f"left out: even {step.knob.option}={ladder[-1]!r} spends more than its share of the "
+                   f"accuracy budget ({_limits_text(step.limits)})")
+        result.skip(step.pass_.name, why)
         step.outcome = _Outcome(current, result, "ok", session, sum(o.seconds for o in outcomes.values()), dict(err))
-        self.ctx.warnings.append(f"{step.pass_.name} left out: even its weakest setting ({step.knob.option}="
-                                 f"{weakest!r}) misses its share of the accuracy budget")
+        self.ctx.warnings.append(f"{step.pass_.name} {why.split(' (')[0]}")
 
     def _gain(self, step: _Step) -> float:
         """Share of MACs (or bytes) the step's cut saves."""
@@ -396,9 +404,9 @@ class _Tuner:
                 outcomes[s.rung] = out
                 if out.status != "ok":  # a rung that worked before: keep the step's input instead
                     s.rung = len(s.knob.ladder)
-                else:
+                elif out.result.changed:
                     self.error(out)
-            self._settle(s, outcomes)
+            self._settle(s, outcomes, backed_off=True)
             s.tried.append({"setting": s.knob.ladder[s.rung] if s.rung < len(s.knob.ladder) else OFF,
                             "error": rounded(s.outcome.error), "status": "back-off", "fits": None})
 
