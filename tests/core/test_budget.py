@@ -215,3 +215,21 @@ def test_no_recovery_on_random_data():
     assert report.passes[0].options["reconstruct"] is True
     _, report = onnxslim_cnn.compress(DIGITS_VGG, ["prune"], calib=DIGITS_CALIB, budget="off", prune__reconstruct=False)
     assert report.passes[0].options["reconstruct"] is False
+
+
+def test_activation_data_is_bounded_by_memory():
+    """Data-aware requests hold at most ACTIVATION_BYTES of activations: the first whole runs."""
+    from onnxslim_cnn.analysis.activations import bytes_per_sample
+    from onnxslim_cnn.context import PassContext
+
+    model = onnx.load(DIGITS_VGG)
+    ctx = PassContext(model, calib=DIGITS_CALIB)
+    names = [n.output[0] for n in model.graph.node[:3]]
+    per = bytes_per_sample(model, names, ctx.calibration)
+    acts = ctx.activations(model, names)
+    assert per == sum(v[0].nbytes for v in acts.values())  # static inference sizes them exactly
+    assert ctx.activation_data(model, names).samples == 64  # 64 samples fit the default bound
+    small = ctx.activation_data(model, names, max_bytes=int(per * 5.5))
+    assert small.samples == 5 and np.array_equal(small.inputs["input"], ctx.calibration.inputs["input"][:5])
+    assert ctx.activation_data(model, names, max_bytes=1).samples == 1  # at least one run
+    assert [v.shape[0] for v in ctx.activations(model, names, small).values()] == [5, 5, 5]
