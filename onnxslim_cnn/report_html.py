@@ -431,18 +431,19 @@ class _Page:
         rows = []
         for name, f in fid.items():
             if "error" in f:
-                rows.append(f"<tr><th>{esc(name)}</th><td colspan=4>{esc(f['error'])}</td></tr>")
+                rows.append(f"<tr><th>{esc(name)}</th><td colspan=5>{esc(f['error'])}</td></tr>")
                 continue
             cells = []
-            for k, digits in (("cosine", 6), ("top1_agreement", 4), ("rel_error", 4), ("max_abs_error", 4)):
+            for k, digits in (("cosine", 6), ("cosine_min", 6), ("top1_agreement", 4), ("rel_error", 4),
+                              ("max_abs_error", 4)):
                 v = f.get(k)
                 cells.append(fig(v, f"fidelity.{name}.{k}", "-" if v is None else f"{v:.{digits}f}"
-                                 if k in ("cosine", "top1_agreement") else fmt_num(v, digits), "td"))
+                                 if k in ("cosine", "cosine_min", "top1_agreement") else fmt_num(v, digits), "td"))
             rows.append(f"<tr><th>{esc(name)}</th>{''.join(cells)}</tr>")
         on = data.get("text") or "the calibration inputs (nothing held out)"
         return (f'<section id="fidelity" class="card"><h2>Output error vs the original</h2>'
                 f'<p class="muted">ONNX Runtime, on {esc(on)}</p>'
-                '<table class="num"><thead><tr><th>output</th><th>cosine</th><th>top-1 agreement</th><th>relative error</th>'
+                '<table class="num"><thead><tr><th>output</th><th>cosine</th><th>least per sample</th><th>top-1 agreement</th><th>relative error</th>'
                 f'<th>max abs error</th></tr></thead><tbody>{"".join(rows)}</tbody></table></section>')
 
     def budget(self) -> str:
@@ -455,15 +456,15 @@ class _Page:
             if is_num(v):
                 allow[k] = v if k == "rel_error" else 1.0 - v
         head = ['<table class="num"><thead><tr><th>figure</th><th>target</th><th>allowance</th><th>error (verdict)</th>'
-                "<th>error (fit)</th></tr></thead><tbody>"]
+                "<th>error (tuning samples)</th></tr></thead><tbody>"]
         names = {"cosine": "cosine \u2265", "top1": "top-1 agreement \u2265", "rel_error": "relative error \u2264"}
         for k, v in target.items():
             if v is None:
                 continue
-            err, fit = (b.get("error") or {}).get(k), (b.get("fit_error") or {}).get(k)
+            err, fit = (b.get("error") or {}).get(k), (b.get("tuning_error") or b.get("fit_error") or {}).get(k)
             head.append(f"<tr><th>{esc(names.get(k, k))}</th>{fig(v, f'budget.target.{k}', tag='td')}"
                         f"{fig(allow.get(k), f'budget.allowance.{k}', tag='td')}"
-                        f"{fig(err, f'budget.error.{k}', tag='td')}{fig(fit, f'budget.fit_error.{k}', tag='td')}</tr>")
+                        f"{fig(err, f'budget.error.{k}', tag='td')}{fig(fit, f'budget.tuning_error.{k}', tag='td')}</tr>")
         head.append("</tbody></table>")
         rows, charts = [], []
         for i, p in enumerate(b.get("passes") or []):
