@@ -100,6 +100,9 @@ class Knob:
     # first and bisect the rest only when it misses, for ladders whose strongest rung usually
     # fits and whose weaker ones cost more to run (q8: all int8, then its sensitivity search).
     search: str = "bisect"
+    # Options that go with a rung (index -> {option: value}), unless the user set them: q8's
+    # sensitivity search is bounded when the budget, not the user, asked for it.
+    rung_options: "dict[int, dict[str, Any]]" = field(default_factory=dict)
 
 
 class PassContractError(RuntimeError):

@@ -126,7 +126,7 @@ class _Step:
     def make(self, rung: "int | None", limits: "dict | None") -> Pass:
         if rung is None:
             return self.pass_
-        opts = dict(self.base)
+        opts = {**self.knob.rung_options.get(rung, {}), **self.base}
         opts[self.knob.option] = self.knob.ladder[rung]
         if self.knob.target_option and self.knob.target_option not in self.user and limits and "cosine" in limits:
             opts[self.knob.target_option] = round(max(0.0, 1.0 - limits["cosine"]), 6)

@@ -38,6 +38,10 @@ class ModelStats:
     nodes: int
     op_counts: dict[str, int]
     macs_unknown: list[str] = field(default_factory=list)  # MAC nodes whose shapes were unknown
+    # Per Conv/ConvTranspose/Gemm/MatMul node (keyed as ``node_macs`` keys them): its MACs, and
+    # the weight and bias elements it applies (through a DequantizeLinear, for int8 weights)
+    macs_by_node: dict[str, int] = field(default_factory=dict)
+    params_by_node: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -196,6 +200,33 @@ def _macs_of(node: onnx.NodeProto, shapes: dict[str, tuple]) -> "int | None":
     return None
 
 
+def node_params(model: onnx.ModelProto) -> dict[str, int]:
+    """Weight and bias elements each Conv/ConvTranspose/Gemm/MatMul applies: its constant inputs
+    after the first, or the constant behind a DequantizeLinear/Identity feeding one."""
+    sizes = {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer
+             if t.data_type in PARAM_TYPES}
+    producer = {}
+    for node in model.graph.node:
+        for o in node.output:
+            producer[o] = node
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.t.data_type in PARAM_TYPES:
+                    sizes[node.output[0]] = int(np.prod(a.t.dims, dtype=np.int64))
+    out = {}
+    for node, key in zip(model.graph.node, _node_keys(model)):
+        if node.op_type not in MAC_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        total = 0
+        for name in node.input[1:]:
+            p = producer.get(name)
+            if name not in sizes and p is not None and p.op_type in ("DequantizeLinear", "Identity"):
+                name = p.input[0]
+            total += sizes.get(name, 0)
+        out[key] = total
+    return out
+
+
 def model_stats(model: onnx.ModelProto, input_shapes: "dict[str, tuple[int, ...]] | None",
                 feeds: "dict[str, np.ndarray] | None" = None) -> ModelStats:
     """Parameters, size, MACs (at ``input_shapes``; ``feeds`` of those shapes fill in what static
@@ -207,6 +238,8 @@ def model_stats(model: onnx.ModelProto, input_shapes: "dict[str, tuple[int, ...]
     for key, value in macs.items():
         by_op[op_of.get(key, "?")] += value
     return ModelStats(
+        macs_by_node=dict(macs),
+        params_by_node=node_params(model),
         params=count_params(model),
         file_bytes=model_bytes(model),
         macs=int(sum(macs.values())),

@@ -436,7 +436,11 @@ class Q8Pass(ModelPass):
     modifies = frozenset({"graph", "opset"})
     lossy = True
     budget_knob = Knob(option="keep_float", ladder=([], ["auto"]), target_option="budget_cosine", gain="bytes",
-                       fixed_by=("dynamic",), search="first")
+                       fixed_by=("dynamic",), search="first",
+                       # the search ranks every layer and tries up to 2 x max_float_layers of them,
+                       # each a run of ORT's tool: on PP-OCRv4 rec the defaults (all samples, 16)
+                       # took over 10 minutes
+                       rung_options={1: {"sensitivity_samples": 8, "max_float_layers": 4}})
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         o = self.options

@@ -135,7 +135,10 @@ def test_model_stats_sums_and_counts():
     assert stats.file_bytes == m.ByteSize()
     assert model_stats(m, {"x": (4, 3, 4, 4)}).macs == 4 * (conv + fc + mm)
     assert set(stats.to_dict()) == {"params", "file_bytes", "macs", "macs_by_op", "nodes", "op_counts",
-                                    "macs_unknown"}
+                                    "macs_unknown", "macs_by_node", "params_by_node"}
+    # per layer, keyed like node_macs (an unnamed node by its output)
+    assert stats.macs_by_node == {"conv": conv, "fc": fc, "mm_out": mm}
+    assert stats.params_by_node == {"conv": 2 * 27, "fc": 5 * 32 + 5, "mm_out": 15}
 
 
 def test_duplicate_node_names_are_all_counted():
