@@ -129,6 +129,10 @@ def within(error: dict[str, float], limits: dict[str, float]) -> bool:
 def shortfall(budget: Budget, error: dict[str, float]) -> list[str]:
     """Why ``error`` misses ``budget``, one phrase per figure ("cosine 0.9812 < 0.99")."""
     out = []
+    if any(not math.isfinite(v) for v in error.values()):
+        # a changed output shape, or outputs that are not finite (the original's own NaN on
+        # these inputs included): nothing can vouch for the result
+        return ["outputs not comparable (a shape changed or values are not finite)"]
     if budget.cosine is not None and error.get("cosine", 0.0) > 1.0 - budget.cosine + 1e-9:
         out.append(f"cosine {1.0 - error['cosine']:.4f} < {budget.cosine:g}")
     if budget.top1 is not None and error.get("top1", 0.0) > 1.0 - budget.top1 + 1e-9:

@@ -54,6 +54,8 @@ def test_spent_and_shortfall():
     assert err == pytest.approx({"cosine": 0.02, "top1": 0.1, "rel_error": 0.3})
     assert shortfall(Budget(0.99, 0.95, 0.5), err) == ["cosine 0.9800 < 0.99", "top-1 agreement 0.9000 < 0.95"]
     assert spent({"a": {"error": "shape changed"}})["cosine"] == float("inf")
+    nan = spent({"a": {"cosine": float("nan"), "rel_error": float("nan"), "max_abs_error": 0.0}})
+    assert shortfall(Budget(), nan) == ["outputs not comparable (a shape changed or values are not finite)"]
 
 
 @pytest.mark.parametrize("n,first", [(6, 0), (6, 3), (6, 6), (1, 0), (1, 1), (0, 0)])
