@@ -341,8 +341,6 @@ def bench_model(model_id: str, configs: tuple, workdir: str) -> dict:
                 row.update(model_stats(path, feed))
         rows[config] = row
     float_row = rows.get("float") or {}
-    if "float" in rows and "macs" not in float_row:
-        pass
     # float's MACs / params from any onnxslim report (its "input" side), else the cost model
     for r in rows.values():
         if r.get("input_macs") is not None:
@@ -379,7 +377,8 @@ def bench_model(model_id: str, configs: tuple, workdir: str) -> dict:
     return {"model": model_id, "source": os.path.relpath(src, ROOT) if src.startswith(ROOT) else src,
             "source_bytes": float_bytes, "calibration": {"file": os.path.basename(calib), "samples": n_calib,
                                                          "seed": None if model_id in DIGITS else CALIB_SEED},
-            "rows": rows, "bench_seconds": time.perf_counter() - t_start}
+            "rows": rows, "bench_seconds": time.perf_counter() - t_start,
+            "git_commit": git_commit(), "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def table(results: list) -> str:
