@@ -167,6 +167,7 @@ def report_stats(report: str) -> dict:
     out = {"macs": r["output"].get("macs"), "params": r["output"].get("params"),
            "pass_seconds": {p["name"]: p.get("seconds") for p in r.get("passes", [])},
            "pass_status": {p["name"]: p.get("status") for p in r.get("passes", [])},
+           "pass_changed": {p["name"]: p.get("changed") for p in r.get("passes", [])},
            "input_macs": r["input"].get("macs"), "input_params": r["input"].get("params"),
            "problems": r.get("problems"), "warnings": r.get("warnings"),
            "fidelity": r.get("fidelity"), "fidelity_data": (r.get("fidelity_data") or {}).get("text")}
