@@ -17,12 +17,28 @@ def reference_outputs(model: onnx.ModelProto, calib: CalibrationData,
     return run(session or model, calib)
 
 
+def _per_position_probabilities(ref: list[list[np.ndarray]], i: int) -> bool:
+    """Output ``i`` is [N, T, ..., C] with a probability distribution over C > 1 classes at each
+    position (values in [0, 1] summing to 1): a sequence classifier such as a CTC text
+    recogniser, decoded by the argmax at each position, so top-1 agreement is counted per
+    position. Rank-3 outputs that are not distributions (box regressions) are left out."""
+    for c in ref:
+        a = np.asarray(c[i])
+        if a.ndim < 3 or a.shape[-1] < 2 or not np.issubdtype(a.dtype, np.floating) or not a.size:
+            return False
+        if a.min() < 0 or a.max() > 1 or not np.allclose(a.sum(axis=-1), 1.0, atol=1e-3):
+            return False
+    return True
+
+
 def compare(names: list[str], ref: list[list[np.ndarray]], new: list[list[np.ndarray]]) -> dict:
     """Per output: max abs error, error relative to the output's scale, cosine, top-1 agreement.
 
     ``rel_error`` is max|new - ref| / max|ref| (the "relative to output scale" figure the tests
-    bound). ``cosine`` is over all samples at once, ``cosine_min`` the least of one sample's
-    (``compare.least_sample_cosine``; what the accuracy budget bounds). ``top1_agreement`` is given for classifier-shaped outputs: rank 2, [N, C] with C > 1.
+    bound). ``cosine`` is over all samples at once (what the accuracy budget bounds),
+    ``cosine_min`` the least of one sample's (``compare.least_sample_cosine``). Top-1 agreement
+    (``top1_agreement``) is given for classifier-shaped outputs: per sample for rank 2, [N, C]
+    with C > 1, and per position for per-position distributions (``_per_position_probabilities``).
     """
     out = {}
     for i, name in enumerate(names):
@@ -39,8 +55,8 @@ def compare(names: list[str], ref: list[list[np.ndarray]], new: list[list[np.nda
             "cosine": cosine(r, n),
             "cosine_min": least_sample_cosine(ref, new, i),
         }
-        if all(np.ndim(c[i]) == 2 and np.shape(c[i])[1] > 1 for c in ref):
-            agree = [np.argmax(a[i], axis=1) == np.argmax(b[i], axis=1) for a, b in zip(ref, new)]
+        if all(np.ndim(c[i]) == 2 and np.shape(c[i])[1] > 1 for c in ref) or _per_position_probabilities(ref, i):
+            agree = [np.argmax(a[i], axis=-1).ravel() == np.argmax(b[i], axis=-1).ravel() for a, b in zip(ref, new)]
             entry["top1_agreement"] = float(np.mean(np.concatenate(agree)))
         out[name] = entry
     return out

@@ -235,3 +235,20 @@ def test_activation_data_is_bounded_by_memory():
     assert small.samples == 5 and np.array_equal(small.inputs["input"], ctx.calibration.inputs["input"][:5])
     assert ctx.activation_data(model, names, max_bytes=1).samples == 1  # at least one run
     assert [v.shape[0] for v in ctx.activations(model, names, small).values()] == [5, 5, 5]
+
+
+def test_top1_agreement_per_position_for_sequence_distributions():
+    """[N, T, C] per-position distributions (a CTC recogniser) are compared by their argmax at
+    each position; rank-3 outputs that are not distributions get no top-1 figure."""
+    from onnxslim_cnn.analysis.fidelity import compare
+
+    rng = np.random.default_rng(0)
+    a = rng.random((4, 5, 3))
+    a /= a.sum(-1, keepdims=True)
+    b = a.copy()
+    b[0, 0] = b[0, 0][::-1]  # one position of twenty changes its argmax (the values are distinct)
+    assert int(np.argmax(a[0, 0])) != int(np.argmax(b[0, 0]))
+    assert compare(["y"], [[a]], [[b]])["y"]["top1_agreement"] == 0.95
+    assert "top1_agreement" not in compare(["y"], [[a * 3]], [[b * 3]])["y"]
+    fid = compare(["y"], [[a]], [[b]])
+    assert spent(fid)["top1"] == pytest.approx(0.05) and spent(fid)["cosine"] == pytest.approx(1 - fid["y"]["cosine"])
