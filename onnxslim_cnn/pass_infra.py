@@ -103,6 +103,9 @@ class Knob:
     # Options that go with a rung (index -> {option: value}), unless the user set them: q8's
     # sensitivity search is bounded when the budget, not the user, asked for it.
     rung_options: "dict[int, dict[str, Any]]" = field(default_factory=dict)
+    # The cut exists to make the model faster (q8): a rung that does not run faster than the
+    # model before it (ORT CPU, one thread, one calibration batch) does not fit either.
+    must_be_faster: bool = False
 
 
 class PassContractError(RuntimeError):

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import onnx
 
 from .analysis.calibration import DEFAULT_HELDOUT, check_heldout
@@ -38,6 +39,9 @@ LOW_COSINE = 0.99
 # Share of the fit samples the accuracy budget keeps for measuring its choices (``ctx.tuning``):
 # the same rule as the held-out split (at least 8, only from 16 samples on).
 TUNING_SHARE = 0.25
+# A must_be_faster knob's rung must run in at most this share of the time before it (the
+# margin keeps a tie on a noisy machine from flipping the decision, and so the output bytes)
+LATENCY_MARGIN = 0.97
 
 
 @dataclass
@@ -306,17 +310,45 @@ class _Tuner:
             err = self.error(out) if changed else None
             # a rung that changes nothing spends nothing (and gains nothing): it fits
             good = out.status == "ok" and (not changed or within(err, step.limits))
-            step.tried.append({"setting": ladder[rung], "error": rounded(err) if err else None,
-                               "status": out.status if out.status != "ok" or out.result.changed else "no change",
-                               "fits": good})
+            entry = {"setting": ladder[rung], "error": rounded(err) if err else None,
+                     "status": out.status if out.status != "ok" or out.result.changed else "no change", "fits": good}
+            if good and changed and step.knob.must_be_faster:
+                before_ms, after_ms = self.latencies(session or make_session(current), out.session or make_session(out.model))
+                entry["latency_ms"] = {"before": round(before_ms, 4), "after": round(after_ms, 4)}
+                if after_ms > LATENCY_MARGIN * before_ms:
+                    good = entry["fits"] = False
+                    entry["status"] = "slower"
+            step.tried.append(entry)
             return good
 
         if step.knob.search == "first":
-            step.rung = 0 if fits(0) else 1 + bisect_ladder(len(ladder) - 1, lambda r: fits(r + 1))
+            if fits(0):
+                step.rung = 0
+            elif step.tried[-1]["status"] == "slower":  # keeping layers float will not beat float
+                step.rung = len(ladder)
+            else:
+                step.rung = 1 + bisect_ladder(len(ladder) - 1, lambda r: fits(r + 1))
         else:
             step.rung = bisect_ladder(len(ladder), fits)
         self._settle(step, outcomes)
         return step.outcome.model, step.outcome.session
+
+    def latencies(self, a, b, rounds: int = 15, warmup: int = 3) -> "tuple[float, float]":
+        """Median ms of one ORT run of sessions ``a`` and ``b`` at batch 1 (the model's batch when
+        it is fixed), interleaved (a, b, a, b, ...) so that a busy machine slows both alike.
+        Batch 1 is how these models are deployed; int8 that wins at batch 12 (digits VGG 0.32
+        against 0.36 ms) can lose at batch 1 (0.095 against 0.065 ms)."""
+        data = self.ctx.tuning
+        n = data.batch if data.fixed_batch else 1
+        feeds = {k: v[:n] for k, v in data.inputs.items()}
+        times: dict[int, list] = {0: [], 1: []}
+        for i in range(warmup + rounds):
+            for k, s in enumerate((a, b)):
+                t0 = time.perf_counter()
+                s.run(None, {n.name: feeds[n.name] for n in s.get_inputs() if n.name in feeds})
+                if i >= warmup:
+                    times[k].append(time.perf_counter() - t0)
+        return float(np.median(times[0]) * 1e3), float(np.median(times[1]) * 1e3)
 
     def _settle(self, step: _Step, outcomes: dict, backed_off: bool = False) -> None:
         """The step's outcome for its rung (left out: the model it started from, and why)."""
@@ -338,14 +370,21 @@ class _Tuner:
             if o.status != "ok":  # a rung that crashed or was invalid: a bug worth seeing
                 reason = o.status if o.status != "failed" else o.result.skipped[-1]["reason"]
                 result.skip(step.pass_.name, f"{step.knob.option}={ladder[rung]!r}: {reason}")
+        slower = [t for t in (step.tried or []) if t.get("status") == "slower"]
         if backed_off:
             why = "left out by the back-off: the passes after it overspent the accuracy budget"
+        elif slower and all(t["status"] in ("slower",) or not t["fits"] for t in step.tried):
+            # the times are in the budget's "tried" entries: a skip or warning with timings in it
+            # would make two runs' reports differ
+            why = (f"left out: the model ran slower with it at batch "
+                   f"{self.ctx.tuning.batch if self.ctx.tuning.fixed_batch else 1} (ORT CPU, one thread; the "
+                   "times are in the report's budget section)")
         else:
             why = (f"left out: even {step.knob.option}={ladder[-1]!r} spends more than its share of the "
                    f"accuracy budget ({_limits_text(step.limits)})")
         result.skip(step.pass_.name, why)
         step.outcome = _Outcome(current, result, "ok", session, sum(o.seconds for o in outcomes.values()), dict(err))
-        self.ctx.warnings.append(f"{step.pass_.name} {why.split(' (')[0]}")
+        self.ctx.warnings.append(f"{step.pass_.name} {why if slower else why.split(' (')[0]}")
 
     def _gain(self, step: _Step) -> float:
         """Share of MACs (or bytes) the step's cut saves."""

@@ -440,7 +440,11 @@ class Q8Pass(ModelPass):
                        # the search ranks every layer and tries up to 2 x max_float_layers of them,
                        # each a run of ORT's tool: on PP-OCRv4 rec the defaults (all samples, 16)
                        # took over 10 minutes
-                       rung_options={1: {"sensitivity_samples": 8, "max_float_layers": 4}})
+                       rung_options={1: {"sensitivity_samples": 8, "max_float_layers": 4}},
+                       # int8 QDQ made every small corpus model slower at batch 1 on one thread
+                       # (ppocr_cls_v2 0.54x, digits 0.66-0.69x): kept float there, and the
+                       # report gives both times
+                       must_be_faster=True)
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         o = self.options
