@@ -106,7 +106,7 @@ class LowrankPass(GraphPass):
     modifies = frozenset({"graph"})
     lossy = True
     budget_knob = Knob(option="energy", ladder=(0.8, 0.9, 0.95, 0.98, 0.99), recovery={"data_aware": True},
-                       fixed_by=("rank", "speedup"))
+                       fixed_by=("rank", "speedup"), must_be_faster=True)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options

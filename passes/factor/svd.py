@@ -116,7 +116,7 @@ class SvdPass(GraphPass):
     lossy = True
     budget_knob = Knob(option="max_output_error", ladder=(0.2, 0.1, 0.05, 0.02, 0.01, 0.005),
                        recovery={"data_aware": True},
-                       fixed_by=("rank", "ratio", "energy"))
+                       fixed_by=("rank", "ratio", "energy"), must_be_faster=True)
 
     def __init__(self, options=None, **kwargs):
         super().__init__(options, **kwargs)

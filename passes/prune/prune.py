@@ -66,7 +66,7 @@ class PrunePass(GraphPass):
     modifies = frozenset({"graph"})
     lossy = True
     budget_knob = Knob(option="ratio", ladder=(0.5, 0.3, 0.2, 0.1, 0.05, 0.02), recovery={"reconstruct": True},
-                       fixed_by=("zero_only",))
+                       fixed_by=("zero_only",), must_be_faster=True)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options

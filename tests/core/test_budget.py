@@ -90,12 +90,21 @@ def test_default_pipeline_meets_the_budget_on_heldout(tmp_path, capsys):
     again = fidelity(onnx.load(DIGITS_VGG), onnx.load(str(out)), held)
     assert again == report["fidelity"]
     assert again["logits"]["cosine"] >= 0.99 and again["logits"]["top1_agreement"] >= 0.99
-    # recovery is on by default with real data; the prune rung is the one it reports
-    prune = report["passes"][0]
-    assert prune["options"]["reconstruct"] is True and prune["options"]["ratio"] == b["passes"][0]["setting"]
-    assert report["passes"][1]["options"]["data_aware"] is True
+    # recovery is on by default with real data; a chosen rung is the option the pass reports
+    prune, svd = report["passes"][0], report["passes"][1]
+    assert prune["options"]["reconstruct"] is True and svd["options"]["data_aware"] is True
+    for record, entry in zip(report["passes"], b["passes"]):
+        if entry["setting"] != "off":
+            assert record["options"][entry["option"]] == entry["setting"] and record["changed"]
+        else:
+            assert not record["changed"] and any(s["reason"].startswith("left out: ") for s in record["skipped"])
     # at least one pass cut something: the budget is spent on gains, not left unused by accident
     assert report["output"]["macs"] < report["input"]["macs"]
+    # and nothing that made the model slower was kept: every kept rung was timed faster
+    for entry in b["passes"]:
+        chosen = [t for t in entry["tried"] if t["setting"] == entry["setting"] and t["fits"]]
+        assert entry["setting"] == "off" or all(t["latency_ms"]["after"] <= 0.97 * t["latency_ms"]["before"]
+                                                for t in chosen)
 
 
 def test_missed_budget_exits_3_and_writes_nothing(tmp_path, capsys):
