@@ -98,8 +98,10 @@ def test_default_pipeline_meets_the_budget_on_heldout(tmp_path, capsys):
             assert record["options"][entry["option"]] == entry["setting"] and record["changed"]
         else:
             assert not record["changed"] and any(s["reason"].startswith("left out: ") for s in record["skipped"])
-    # at least one pass cut something: the budget is spent on gains, not left unused by accident
-    assert report["output"]["macs"] < report["input"]["macs"]
+    # a kept prune or svd rung cuts MACs (which rungs are kept depends on timings: a cut that
+    # makes the model slower is left out, so on a loaded machine it may be none)
+    if any(e["setting"] != "off" for e in b["passes"][:2]):
+        assert report["output"]["macs"] < report["input"]["macs"]
     # and nothing that made the model slower was kept: every kept rung was timed faster
     for entry in b["passes"]:
         chosen = [t for t in entry["tried"] if t["setting"] == entry["setting"] and t["fits"]]
