@@ -44,6 +44,10 @@ class Budget:
     cosine: "float | None" = 0.99
     top1: "float | None" = 0.99
     rel_error: "float | None" = None
+    # Cuts that exist for speed (prune, svd, lowrank, q8) must make the model run faster, timed
+    # at batch 1; which are kept then depends on timings, and near-ties on a busy machine can
+    # differ between runs. faster=off keeps the choice on the measured error alone (same bytes).
+    faster: bool = True
 
     @classmethod
     def parse(cls, text: "str | dict | Budget | None") -> "Budget | None":
@@ -65,8 +69,14 @@ class Budget:
         fields = {"cosine": (0.0, 1.0), "top1": (0.0, 1.0), "rel_error": (0.0, math.inf)}
         values: dict[str, Any] = {}
         for key, raw in items.items():
+            if key == "faster":
+                flag = str(raw).strip().lower()
+                if flag not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
+                    raise UserError(f"bad --budget faster={raw!r}: on or off")
+                values[key] = flag in ("on", "true", "1", "yes")
+                continue
             if key not in fields:
-                raise UserError(f"unknown --budget key {key!r} (known: cosine, top1, rel_error)")
+                raise UserError(f"unknown --budget key {key!r} (known: cosine, top1, rel_error, faster)")
             if raw is None or str(raw).strip().lower() in ("none", "off"):
                 values[key] = None
                 continue
@@ -84,7 +94,7 @@ class Budget:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def allowance(self) -> dict[str, float]:
+    def allowance(self) -> dict[str, float]:  # (faster is a rule, not an allowance)
         """The error each bounded figure may take: 1 - cosine, 1 - top1, rel_error."""
         out = {}
         if self.cosine is not None:

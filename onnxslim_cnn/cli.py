@@ -69,10 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", type=float, metavar="FRACTION",
                    help="share of the calibration samples no pass fits on, for the report's fidelity "
                         "(default 0.25, at least 8 when there are 16 or more samples; 0 = none; at most 0.5)")
-    p.add_argument("--budget", metavar="cosine=C,top1=T[,rel_error=E]|off",
+    p.add_argument("--budget", metavar="cosine=C,top1=T[,rel_error=E][,faster=on|off]|off",
                    help="accuracy budget the lossy passes share, checked on the held-out samples: least output "
                         "cosine, least top-1 agreement (classifier outputs), largest relative error (default "
-                        "cosine=0.99,top1=0.99; 'off' runs the passes exactly as configured). Missed: exit 3")
+                        "cosine=0.99,top1=0.99; 'off' runs the passes exactly as configured). Missed: exit 3. "
+                        "faster=on (default): prune/svd/lowrank/q8 cuts that make the model slower at batch 1 "
+                        "are left out (timed, so near-ties can differ between runs; faster=off: same bytes)")
     p.add_argument("--input-shape", dest="input_shapes", action="append", default=[], metavar="NAME=D0,D1,...",
                    help="concrete shape for an input with dynamic dims (for random calibration and MACs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random calibration generator (default 0)")

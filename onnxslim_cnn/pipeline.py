@@ -312,7 +312,7 @@ class _Tuner:
             good = out.status == "ok" and (not changed or within(err, step.limits))
             entry = {"setting": ladder[rung], "error": rounded(err) if err else None,
                      "status": out.status if out.status != "ok" or out.result.changed else "no change", "fits": good}
-            if good and changed and step.knob.must_be_faster:
+            if good and changed and step.knob.must_be_faster and self.target.faster:
                 before_ms, after_ms = self.latencies(session or make_session(current), out.session or make_session(out.model))
                 entry["latency_ms"] = {"before": round(before_ms, 4), "after": round(after_ms, 4)}
                 if after_ms > LATENCY_MARGIN * before_ms:

@@ -28,12 +28,14 @@ DIGITS_CALIB = str(digits.EXAMPLES_DIR / "digits_calib.npz")
 
 def test_parse():
     assert Budget.parse("cosine=0.995,top1=0.98") == Budget(0.995, 0.98, None)
+    assert Budget.parse("faster=off") == Budget(faster=False) and Budget.parse("faster=on").faster
+    assert user_error(Budget.parse, "faster=maybe") == "bad --budget faster='maybe': on or off"
     assert Budget.parse("rel_error=0.1") == Budget(0.99, 0.99, 0.1)
     assert Budget.parse("top1=none") == Budget(0.99, None, None)
     assert Budget.parse({"cosine": 0.9}) == Budget(0.9, 0.99, None)
     assert Budget.parse("off") is None and Budget.parse(None) is None
     assert user_error(Budget.parse, "cosine=1.5") == "bad --budget cosine='1.5': a number within [0.0, 1.0]"
-    assert user_error(Budget.parse, "cos=0.9") == "unknown --budget key 'cos' (known: cosine, top1, rel_error)"
+    assert user_error(Budget.parse, "cos=0.9") == "unknown --budget key 'cos' (known: cosine, top1, rel_error, faster)"
     assert user_error(Budget.parse, "0.99").startswith("bad --budget item '0.99'")
     assert user_error(Budget.parse, "rel_error=0").endswith("above 0")
     assert user_error(Budget.parse, "cosine=nan").startswith("bad --budget cosine")
@@ -83,7 +85,7 @@ def test_default_pipeline_meets_the_budget_on_heldout(tmp_path, capsys):
     report = json.loads(rep.read_text())
     b = report["budget"]
     assert b["met"] is True and b["measured_on"] == "held-out" and b["samples"] == 16
-    assert b["target"] == {"cosine": 0.99, "top1": 0.99, "rel_error": None}
+    assert b["target"] == {"cosine": 0.99, "top1": 0.99, "rel_error": None, "faster": True}
     assert [p["pass"] for p in b["passes"]] == ["prune", "svd", "q8"] and all(p["tuned"] for p in b["passes"])
     assert b["tuning_samples"] == 12 and report["fidelity_data"]["samples"] == 16
     held = _heldout_of(DIGITS_CALIB, DIGITS_VGG)
@@ -280,3 +282,11 @@ def test_q8_left_out_where_int8_runs_slower():
         assert not report.passes[0].changed
     else:  # a machine where int8 wins: then it is kept
         assert q8["setting"] == [] and tried["fits"] and report.passes[0].changed
+
+
+def test_faster_off_decides_on_error_alone_and_is_byte_deterministic():
+    runs = [onnxslim_cnn.compress(DIGITS_VGG, ["prune", "svd", "q8"], calib=DIGITS_CALIB, budget="faster=off")
+            for _ in range(2)]
+    assert runs[0][0].SerializeToString(deterministic=True) == runs[1][0].SerializeToString(deterministic=True)
+    for entry in runs[0][1].budget["passes"]:
+        assert all("latency_ms" not in t and t["status"] != "slower" for t in entry["tried"])
