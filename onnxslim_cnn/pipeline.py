@@ -283,9 +283,6 @@ class _Tuner:
             outcome.error = spent(fid)
         return outcome.error
 
-    def _error_before(self, i: int) -> dict:
-        return self.steps[i].before[2] if self.steps[i].before else self.zero
-
     def run_step(self, i: int, current, session):
         step = self.steps[i]
         step.before = (current, session, self.steps[i - 1].outcome.error if i and self.steps[i - 1].outcome
