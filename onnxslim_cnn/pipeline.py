@@ -283,16 +283,21 @@ class _Tuner:
             outcome.error = spent(fid)
         return outcome.error
 
+    def _begin(self, i: int, current, session) -> None:
+        """Step ``i`` starts from (model, session, its error): the error the step before left."""
+        self.steps[i].before = (current, session, self.steps[i - 1].outcome.error if i else self.zero)
+
+    def _charge(self, step: _Step) -> None:
+        """The error after the step: what it started from when the model did not change."""
+        out, (current, _, err) = step.outcome, step.before
+        out.error = dict(err) if out.model is current else self.error(out)
+
     def run_step(self, i: int, current, session):
         step = self.steps[i]
-        step.before = (current, session, self.steps[i - 1].outcome.error if i and self.steps[i - 1].outcome
-                       and self.steps[i - 1].outcome.error is not None else self.zero)
+        self._begin(i, current, session)
         if not step.tuned:
             step.outcome = _run_pass(step.pass_, current, session, self.ctx)
-            if step.pass_.lossy:
-                self.error(step.outcome)
-            else:
-                step.outcome.error = step.before[2] if step.outcome.model is current else self.error(step.outcome)
+            self._charge(step)
             return step.outcome.model, step.outcome.session
         left = sum(1 for s in self.steps[i:] if s.tuned)
         step.limits = self.target.limits(step.before[2], left)
@@ -353,8 +358,7 @@ class _Tuner:
         current, session, err = step.before
         if step.rung < len(ladder):
             step.outcome = outcomes[step.rung]
-            if step.outcome.error is None:  # the rung changed nothing: nothing spent
-                step.outcome.error = dict(err) if step.outcome.model is current else self.error(step.outcome)
+            self._charge(step)
             return
         result = PassResult()
         failures = [o for o in outcomes.values() if o.status != "ok"]
@@ -370,7 +374,7 @@ class _Tuner:
         slower = [t for t in (step.tried or []) if t.get("status") == "slower"]
         if backed_off:
             why = "left out by the back-off: the passes after it overspent the accuracy budget"
-        elif slower and all(t["status"] in ("slower",) or not t["fits"] for t in step.tried):
+        elif slower:
             # the times are in the budget's "tried" entries: a skip or warning with timings in it
             # would make two runs' reports differ
             why = (f"left out: the model ran slower with it at batch "
@@ -394,11 +398,10 @@ class _Tuner:
         return (x - y) / x if x else 0.0
 
     def back_off(self, current, session):
-        """Weaken the least valuable cut until the fit samples meet the budget (module docstring)."""
+        """Weaken the least valuable cut until the tuning samples meet the budget (module docstring)."""
         allowed = self.target.limits(self.zero, 1)
         for _ in range(self.MAX_BACK_OFFS):
-            last = self.steps[-1].outcome
-            err = last.error if last.error is not None else self.error(last)
+            err = self.steps[-1].outcome.error
             if within(err, allowed):
                 break
             movable = [k for k, s in enumerate(self.steps) if s.tuned and s.rung < len(s.knob.ladder)]
@@ -428,11 +431,11 @@ class _Tuner:
             s = self.steps[j]
             if j > k:
                 prev = self.steps[j - 1].outcome
-                s.before = (prev.model, prev.session, prev.error if prev.error is not None else self.error(prev))
+                self._begin(j, prev.model, prev.session)
             current, session, _ = s.before
             if not s.tuned:
                 s.outcome = _run_pass(s.pass_, current, session, self.ctx)
-                self.error(s.outcome)
+                self._charge(s)
                 continue
             outcomes = {}
             if s.rung < len(s.knob.ladder):
@@ -440,8 +443,6 @@ class _Tuner:
                 outcomes[s.rung] = out
                 if out.status != "ok":  # a rung that worked before: keep the step's input instead
                     s.rung = len(s.knob.ladder)
-                elif out.result.changed:
-                    self.error(out)
             self._settle(s, outcomes, backed_off=True)
             s.tried.append({"setting": s.knob.ladder[s.rung] if s.rung < len(s.knob.ladder) else OFF,
                             "error": rounded(s.outcome.error), "status": "back-off", "fits": None})
@@ -452,7 +453,7 @@ class _Tuner:
             if s.outcome is None or not (s.pass_.lossy or s.tuned):
                 continue
             before = s.before[2] if s.before else self.zero
-            after = s.outcome.error or before
+            after = s.outcome.error
             entry = {"pass": s.pass_.name, "tuned": s.tuned,
                      "spent": rounded({k: max(after.get(k, 0.0) - before.get(k, 0.0), 0.0) for k in self.zero}),
                      "error_after": rounded({k: after.get(k, 0.0) for k in self.zero})}
@@ -466,7 +467,7 @@ class _Tuner:
             passes.append(entry)
         out = {"target": self.target.to_dict(), "passes": passes, "back_off": list(self.log),
                "tuning_samples": self.ctx.tuning.samples, "tuning_set": self.ctx.tuning_note,
-               "tuning_error": rounded(self.steps[-1].outcome.error or self.zero)}
+               "tuning_error": rounded(self.steps[-1].outcome.error)}
         if fidelity is None:
             out.update(met=None, measured_on=None,
                        why="fidelity not measured (--no-fidelity): the budget was checked on the tuning samples only")
